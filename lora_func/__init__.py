@@ -1,0 +1,50 @@
+"""lora_func: LoRA for PyTorch, as pure functions over adapter pytrees and as the classic
+``nn.Module`` parametrization.
+
+The functional core: :class:`LoRA` (the adapter pytree node), :func:`init`, :func:`delta`,
+:func:`merge`, :func:`init_adapters`, :func:`effective_params`, :func:`stack`,
+:func:`unstack`. The stateful layer over it: :class:`LoRAParam`, :func:`apply_lora`,
+:func:`remove_lora`, and the bridge :func:`get_adapters` / :func:`set_adapters`.
+"""
+
+from ._math import INITS as INITS
+from ._math import delta as delta
+from ._math import init as init
+from ._math import merge as merge
+from ._stateful import LoRAParam as LoRAParam
+from ._stateful import apply_lora as apply_lora
+from ._stateful import get_adapters as get_adapters
+from ._stateful import module_params as module_params
+from ._stateful import remove_lora as remove_lora
+from ._stateful import set_adapters as set_adapters
+from ._targets import base_params as base_params
+from ._targets import effective_params as effective_params
+from ._targets import init_adapters as init_adapters
+from ._tree import LoRA as LoRA
+from ._tree import is_lora as is_lora
+from ._tree import stack as stack
+from ._tree import trainable as trainable
+from ._tree import unstack as unstack
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "INITS",
+    "LoRA",
+    "LoRAParam",
+    "apply_lora",
+    "base_params",
+    "delta",
+    "effective_params",
+    "get_adapters",
+    "init",
+    "init_adapters",
+    "is_lora",
+    "merge",
+    "module_params",
+    "remove_lora",
+    "set_adapters",
+    "stack",
+    "trainable",
+    "unstack",
+]

@@ -1,0 +1,447 @@
+"""The documented stateful API: ``LoRAParam``, ``apply_lora``, ``remove_lora``, and the bridge
+to the functional core (``get_adapters`` / ``set_adapters``).
+
+A thin layer: ``LoRAParam.forward`` is the core's formula, and the state-dict layout is the
+one ``torch.nn.utils.parametrize`` gives with the ``LoRAParam`` as parametrization 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+
+import torch
+import torch.nn.utils.parametrize as P
+from torch import nn
+
+from ._math import _update, check_alpha, check_init, check_rank, check_weight_shape, fill_factors
+from ._tree import LoRA, _prod, _scaling_dtype
+
+__all__ = ["LoRAParam", "apply_lora", "get_adapters", "module_params", "remove_lora", "set_adapters"]
+
+
+def _resolve_device(device: Any, where: str) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{where}: device {device!r} is not a valid torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{where}: device={device!r} but CUDA is not available; pass device='cpu' or leave device unset"
+        )
+    return dev
+
+
+class LoRAParam(nn.Module):
+    """Parametrization that adds a low-rank update to a weight: ``W + (alpha / r) * (B @ A)``.
+
+    For 2-D weights ``(out, in)`` the update applies directly; for 3- to 5-D weights
+    (``(out, in, *kernel)``, convolutions) ``B @ A`` has shape ``(out, in * prod(kernel))``
+    and is reshaped to the weight's shape. Register it with
+    ``torch.nn.utils.parametrize.register_parametrization``, or let :func:`apply_lora` do it.
+
+    The same signature as the documented original, with two changes: ``device`` defaults
+    to CUDA only when CUDA is available (CPU otherwise), and a keyword-only ``dtype``.
+
+    Args:
+        weight_shape: the shape of the weight to parametrize: ``(out, in)`` for Linear,
+            ``(out, in, k)``, ``(out, in, kH, kW)`` or ``(out, in, kD, kH, kW)`` for convs.
+        r: rank of the low-rank matrices.
+        alpha: scaling factor; the update is multiplied by ``alpha / r``.
+        init: ``"zeros"`` (A = B = 0), ``"kaimingA_zeroB"`` (kaiming-uniform A, zero B)
+            or ``"gaussian"`` (normal A then B, std 1e-4). Draws come from torch's global
+            generator, in the documented order.
+        device: device of ``A`` and ``B``; ``None`` means CUDA if available, else CPU.
+        dtype: dtype of ``A`` and ``B`` (default: torch's default dtype).
+
+    Attributes:
+        r (int): rank of the decomposition.
+        alpha (float): scaling factor.
+        scaling (float): ``alpha / r``.
+        is_conv (bool): whether the weight has more than 2 dimensions.
+        B (nn.Parameter): factor of shape ``(out, r)``.
+        A (nn.Parameter): factor of shape ``(r, in_flat)``.
+
+    Raises:
+        ValueError: for an unsupported weight shape, ``r <= 0``, non-finite ``alpha``, an
+            unknown ``init``, or ``device="cuda"`` without CUDA.
+        TypeError: if ``r`` is not an int or ``alpha`` not a number.
+
+    Example:
+        >>> import torch, lora_func
+        >>> p = lora_func.LoRAParam((4, 3), r=2, alpha=4.0, device="cpu")
+        >>> p.scaling, tuple(p.A.shape), tuple(p.B.shape)
+        (2.0, (2, 3), (4, 2))
+        >>> torch.equal(p(torch.ones(4, 3)), torch.ones(4, 3))  # zeros init: the identity
+        True
+    """
+
+    def __init__(
+        self,
+        weight_shape: Any,
+        r: int = 8,
+        alpha: float = 8.0,
+        init: str = "zeros",
+        device: Any = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        where = "LoRAParam"
+        shape = check_weight_shape(weight_shape, where)
+        self.r = check_rank(r, where)
+        self.alpha = check_alpha(alpha, where)
+        self.scaling = self.alpha / self.r
+        check_init(init, where)
+        dev = _resolve_device(device, where)
+        self.weight_shape = shape
+        # The base weight's requires_grad before apply_lora froze it, for remove_lora to
+        # restore; None (registered by hand) leaves it as it is.
+        self.base_requires_grad: bool | None = None
+        self.is_conv = len(shape) > 2
+        self.flat_in_dim = _prod(shape[1:])
+        # B before A: the documented registration order (and state-dict order).
+        self.B = nn.Parameter(torch.zeros(shape[0], self.r, device=dev, dtype=dtype))
+        self.A = nn.Parameter(torch.zeros(self.r, self.flat_in_dim, device=dev, dtype=dtype))
+        fill_factors(self.A, self.B, init, None)
+
+    def forward(self, W_base: torch.Tensor) -> torch.Tensor:
+        """The effective weight ``W_base + scaling * (B @ A).view(W_base.shape)``, in ``W_base``'s dtype."""
+        return _update(W_base, self.A, self.B, self.scaling)
+
+    def lora(self) -> LoRA:
+        """This parametrization's adapter as a :class:`LoRA` node (sharing ``A`` and ``B``)."""
+        scaling = torch.tensor(self.scaling, dtype=_scaling_dtype(self.A.dtype), device=self.A.device)
+        return LoRA(self.A, self.B, scaling, self.weight_shape)
+
+    def extra_repr(self) -> str:
+        return f"weight_shape={self.weight_shape}, r={self.r}, alpha={self.alpha}"
+
+
+def _chain(module: nn.Module, param_name: str) -> P.ParametrizationList:
+    """The parametrization list of ``module.<param_name>`` (which must be parametrized)."""
+    return cast(P.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)[param_name])
+
+
+def _lora_of(module: nn.Module, param_name: str) -> LoRAParam | None:
+    if not P.is_parametrized(module, param_name):
+        return None
+    for p in _chain(module, param_name):
+        if isinstance(p, LoRAParam):
+            return p
+    return None
+
+
+def _parameter_names(module: nn.Module) -> list[str]:
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    if P.is_parametrized(module):
+        names += list(cast(nn.ModuleDict, module.parametrizations).keys())
+    return names
+
+
+def _check_target(module: Any, param_name: Any, where: str) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{where}: module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(param_name, str):
+        raise TypeError(f"{where}: param_name must be a str, got {type(param_name).__name__}")
+    if param_name not in _parameter_names(module):
+        raise ValueError(
+            f"{where}: {type(module).__name__} has no parameter {param_name!r}; "
+            f"its parameters are {_parameter_names(module)}"
+        )
+
+
+def apply_lora(
+    module: nn.Module,
+    param_name: str = "weight",
+    r: int = 8,
+    alpha: float = 8.0,
+    init: str = "kaimingA_zeroB",
+    device: Any = None,
+) -> LoRAParam:
+    """Adds a LoRA parametrization to ``module.<param_name>`` and freezes the base weight.
+
+    Afterwards ``module.<param_name>`` evaluates to ``W + (alpha / r) * (B @ A)``; the
+    state dict holds ``parametrizations.<param_name>.original`` (the frozen base) and
+    ``parametrizations.<param_name>.0.A`` / ``.0.B``, as in the documented original.
+
+    Args:
+        module: the module that owns the weight.
+        param_name: the parameter to adapt.
+        r: rank.
+        alpha: scaling factor (``scaling = alpha / r``).
+        init: see :class:`LoRAParam`; the default starts the adapter as the identity.
+        device: device of ``A`` and ``B``; ``None`` (the default) means the weight's own
+            device. ``A`` and ``B`` take the weight's dtype.
+
+    Returns:
+        The :class:`LoRAParam`, for convenience.
+
+    Raises:
+        ValueError: if the parameter does not exist, already has LoRA, has an unsupported
+            shape, if ``device`` is not the weight's device, or for invalid ``r``,
+            ``alpha``, ``init``.
+        TypeError: for arguments of the wrong type.
+
+    Example:
+        >>> import torch, lora_func
+        >>> layer = torch.nn.Linear(3, 4)
+        >>> lora = lora_func.apply_lora(layer, r=2)
+        >>> layer.parametrizations.weight.original.requires_grad, lora.A.requires_grad
+        (False, True)
+        >>> sorted(layer.state_dict())
+        ['bias', 'parametrizations.weight.0.A', 'parametrizations.weight.0.B', 'parametrizations.weight.original']
+    """
+    where = f"apply_lora(module, {param_name!r})"
+    _check_target(module, param_name, where)
+    if _lora_of(module, param_name) is not None:
+        raise ValueError(
+            f"{where}: {param_name} already has a LoRA parametrization; call remove_lora(module, {param_name!r}) first"
+        )
+    base = getattr(module, param_name)
+    original = _chain(module, param_name).original if P.is_parametrized(module, param_name) else base
+    dev = base.device if device is None else _resolve_device(device, where)
+    if dev != base.device and not (dev.type == base.device.type and dev.index is None):
+        raise ValueError(
+            f"{where}: device {dev} differs from the weight's device {base.device}; "
+            "move the module first (module.to(device)) or leave device unset"
+        )
+    dtype = base.dtype if base.dtype.is_floating_point else None
+    lora = LoRAParam(tuple(base.shape), r=r, alpha=alpha, init=init, device=base.device, dtype=dtype)
+    lora.base_requires_grad = bool(original.requires_grad)
+    P.register_parametrization(module, param_name, lora)
+    _chain(module, param_name).original.requires_grad_(False)
+    return lora
+
+
+def remove_lora(module: nn.Module, param_name: str = "weight", merge: bool = True) -> None:
+    """Removes the LoRA parametrization from ``module.<param_name>``.
+
+    With ``merge=True`` the parameter becomes the effective weight ``W + scaling * B @ A``
+    (LoRA folded into the base); with ``merge=False`` it is the original tensor again, bit
+    for bit. Either way the parameter gets back the ``requires_grad`` it had before
+    :func:`apply_lora`.
+
+    Args:
+        module: the module that owns the weight.
+        param_name: the parameter whose LoRA to remove.
+        merge: fold the update into the weight (``True``) or drop it (``False``).
+
+    Raises:
+        ValueError: if the parameter has no LoRA parametrization, or has other
+            parametrizations too (remove those with
+            ``torch.nn.utils.parametrize.remove_parametrizations``).
+        TypeError: for arguments of the wrong type.
+
+    Example:
+        >>> import torch, lora_func
+        >>> layer = torch.nn.Linear(3, 4)
+        >>> W = layer.weight.detach().clone()
+        >>> _ = lora_func.apply_lora(layer)
+        >>> lora_func.remove_lora(layer, merge=False)
+        >>> torch.equal(layer.weight, W), layer.weight.requires_grad
+        (True, True)
+    """
+    where = f"remove_lora(module, {param_name!r})"
+    _check_target(module, param_name, where)
+    if not isinstance(merge, bool):
+        raise TypeError(f"{where}: merge must be a bool, got {type(merge).__name__}")
+    lora = _lora_of(module, param_name)
+    if lora is None:
+        raise ValueError(f"{where}: {param_name} has no LoRA parametrization; nothing to remove")
+    chain = _chain(module, param_name)
+    if len(chain) != 1:
+        raise ValueError(
+            f"{where}: {param_name} has other parametrizations besides LoRA "
+            f"({[type(p).__name__ for p in chain]}); remove them with "
+            "torch.nn.utils.parametrize.remove_parametrizations"
+        )
+    requires_grad = lora.base_requires_grad
+    P.remove_parametrizations(module, param_name, leave_parametrized=merge)
+    if requires_grad is not None:
+        getattr(module, param_name).requires_grad_(requires_grad)
+
+
+def _lora_modules(module: nn.Module) -> dict[str, tuple[nn.Module, str, LoRAParam]]:
+    out = {}
+    for prefix, mod in module.named_modules():
+        if not P.is_parametrized(mod):
+            continue
+        for pname in cast(nn.ModuleDict, mod.parametrizations).keys():
+            lora = _lora_of(mod, pname)
+            if lora is not None:
+                out[f"{prefix}.{pname}" if prefix else pname] = (mod, pname, lora)
+    return out
+
+
+def get_adapters(module: nn.Module) -> dict[str, LoRA]:
+    """The adapters of a module prepared with :func:`apply_lora`, as :class:`LoRA` nodes.
+
+    Keyed like :func:`~lora_func.init_adapters`, by the base parameter's name
+    (``"0.weight"``). As with ``state_dict()``, ``A`` and ``B`` are detached tensors that
+    share storage with the module's parameters: clone them (or :func:`~lora_func.stack`
+    them, which copies) to keep a snapshot.
+
+    Args:
+        module: any module; those of its weights that carry a :class:`LoRAParam` are read.
+
+    Returns:
+        A dict from parameter name to :class:`LoRA` (empty if no weight has LoRA).
+
+    Example:
+        >>> import torch, lora_func
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+        >>> _ = lora_func.apply_lora(model[0], r=2, alpha=4.0)
+        >>> adapters = lora_func.get_adapters(model)
+        >>> list(adapters), float(adapters["0.weight"].scaling)
+        (['0.weight'], 2.0)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"get_adapters(module): module must be an nn.Module, got {type(module).__name__}")
+    out = {}
+    for name, (_, _, lora) in _lora_modules(module).items():
+        node = lora.lora()
+        out[name] = LoRA(node.A.detach(), node.B.detach(), node.scaling, node.shape)
+    return out
+
+
+def set_adapters(module: nn.Module, adapters: Mapping[str, LoRA]) -> None:
+    """Copies adapters into a module, applying LoRA where a weight has none yet.
+
+    The inverse of :func:`get_adapters`: after ``set_adapters(m, a)``,
+    ``get_adapters(m)`` equals ``a`` (values are copied, so later changes to ``a`` do not
+    reach the module). A weight that already has LoRA keeps its :class:`LoRAParam`
+    (``A``, ``B``, ``scaling`` and ``alpha`` are updated); one without gets
+    ``apply_lora`` first. Everything is checked before anything changes.
+
+    Args:
+        module: the model.
+        adapters: parameter names (``"0.weight"``) to single, unstacked :class:`LoRA`
+            nodes (pick one out of a stack with :func:`~lora_func.unstack`).
+
+    Raises:
+        ValueError: if a name matches no parameter, a shape or rank does not fit, an
+            adapter is stacked, or its scaling is not finite.
+        TypeError: if ``adapters`` is not a mapping of names to :class:`LoRA`.
+
+    Example:
+        >>> import torch, lora_func
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+        >>> adapters = lora_func.init_adapters(model, "0.weight", r=2, init="gaussian")
+        >>> lora_func.set_adapters(model, adapters)
+        >>> torch.equal(lora_func.get_adapters(model)["0.weight"].A, adapters["0.weight"].A)
+        True
+    """
+    where = "set_adapters(module, adapters)"
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{where}: module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"{where}: adapters must be a mapping of names to LoRA, got {type(adapters).__name__}")
+    plan = []
+    for name, lora in adapters.items():
+        if not isinstance(lora, LoRA):
+            raise TypeError(f"{where}: adapters[{name!r}] must be a lora_func.LoRA, got {type(lora).__name__}")
+        if lora.batch_shape:
+            raise ValueError(
+                f"{where}: adapters[{name!r}] is a stack of {lora.batch_shape} adapters; "
+                "pick one with lora_func.unstack(adapters)[i]"
+            )
+        if not bool(torch.isfinite(lora.scaling).all()):
+            raise ValueError(f"{where}: adapters[{name!r}] has non-finite scaling {lora.scaling.item()}")
+        modpath, _, pname = name.rpartition(".")
+        try:
+            sub = module.get_submodule(modpath)
+        except AttributeError:
+            sub = None
+        if sub is None or not isinstance(pname, str) or pname not in _parameter_names(sub):
+            raise ValueError(f"{where}: adapters[{name!r}] names no parameter of the module")
+        base_shape = tuple(getattr(sub, pname).shape)
+        if base_shape != lora.shape:
+            raise ValueError(
+                f"{where}: adapters[{name!r}] is for shape {lora.shape} but the weight has shape {base_shape}"
+            )
+        existing = _lora_of(sub, pname)
+        if existing is not None and existing.r != lora.r:
+            raise ValueError(
+                f"{where}: adapters[{name!r}] has rank {lora.r} but the module's LoRA has rank {existing.r}; "
+                f"call remove_lora on it first"
+            )
+        if existing is None:
+            check_weight_shape(base_shape, where)
+        plan.append((sub, pname, existing, lora))
+    for sub, pname, existing, lora in plan:
+        if existing is None:
+            # "zeros" draws no random numbers: setting adapters leaves the global RNG alone.
+            existing = apply_lora(sub, pname, r=lora.r, alpha=float(lora.alpha), init="zeros")
+        with torch.no_grad():
+            existing.A.copy_(lora.A)
+            existing.B.copy_(lora.B)
+        existing.scaling = float(lora.scaling)
+        existing.alpha = existing.scaling * existing.r
+
+
+def module_params(module: nn.Module, adapters: Mapping[str, LoRA]) -> dict[str, torch.Tensor]:
+    """The parameters of a module prepared with :func:`apply_lora`, with its adapters replaced.
+
+    The result goes to ``torch.func.functional_call(module, result, args)``: every weight
+    named in ``adapters`` (``"0.weight"``) computes ``W + scaling * (B @ A)`` with the given
+    adapter's ``A``, ``B`` and ``scaling`` instead of the module's own, and the module is
+    not changed. This is how a model prepared the stateful way is trained functionally
+    (``grad``, ``vmap`` over :func:`~lora_func.stack`-ed adapters); put the chosen adapter
+    back with :func:`set_adapters`. (For a model without parametrizations use
+    :func:`~lora_func.effective_params`.)
+
+    The parametrization multiplies by its own ``scaling``, so the adapter's ``B`` is passed
+    as ``B * (adapter.scaling / module.scaling)``: the same weight up to rounding, with
+    gradients flowing to the adapter's ``A``, ``B`` and ``scaling``.
+
+    Args:
+        module: the model, with LoRA on every weight named in ``adapters``.
+        adapters: parameter names to :class:`LoRA` (stacked ones under ``vmap``).
+
+    Returns:
+        A new dict keyed like ``module.named_parameters()``.
+
+    Raises:
+        ValueError: if an adapter names a weight without LoRA, or its shape or rank differs.
+        TypeError: if ``adapters`` is not a mapping of names to :class:`LoRA`.
+
+    Example:
+        >>> import torch, lora_func
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+        >>> _ = lora_func.apply_lora(model[0], r=2)
+        >>> adapters = {"0.weight": lora_func.init((4, 3), r=2, alpha=16.0, init="gaussian")}
+        >>> params = lora_func.module_params(model, adapters)
+        >>> y = torch.func.functional_call(model, params, (torch.ones(1, 3),))
+        >>> W = lora_func.merge(model[0].parametrizations.weight.original, adapters["0.weight"])
+        >>> torch.allclose(y, torch.nn.functional.linear(torch.ones(1, 3), W, model[0].bias))
+        True
+    """
+    where = "module_params(module, adapters)"
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{where}: module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"{where}: adapters must be a mapping of names to LoRA, got {type(adapters).__name__}")
+    found = _lora_modules(module)
+    out: dict[str, torch.Tensor] = dict(module.named_parameters())
+    for name, lora in adapters.items():
+        if not isinstance(lora, LoRA):
+            raise TypeError(f"{where}: adapters[{name!r}] must be a lora_func.LoRA, got {type(lora).__name__}")
+        if name not in found:
+            raise ValueError(
+                f"{where}: adapters[{name!r}] names no weight with LoRA; weights with LoRA are {list(found)}"
+            )
+        sub, pname, param = found[name]
+        if lora.shape != param.weight_shape or lora.r != param.r:
+            raise ValueError(
+                f"{where}: adapters[{name!r}] has shape {lora.shape} and rank {lora.r}, "
+                f"but the module's LoRA has shape {param.weight_shape} and rank {param.r}"
+            )
+        prefix = name[: len(name) - len(pname)] + f"parametrizations.{pname}."
+        index = list(_chain(sub, pname)).index(param)
+        ratio = lora.scaling / param.scaling
+        out[f"{prefix}{index}.A"] = lora.A
+        out[f"{prefix}{index}.B"] = lora.B * ratio.reshape(*ratio.shape, 1, 1)
+    return out

@@ -1,0 +1,201 @@
+"""Adapters keyed by parameter name: making them, and merging them into a params mapping."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._math import WEIGHT_DIMS, check_alpha, check_init, check_rank, merge
+from ._math import init as init_one
+from ._tree import LoRA
+
+__all__ = ["base_params", "effective_params", "init_adapters", "match_targets"]
+
+
+def base_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters keyed by their plain names, ready for :func:`effective_params`.
+
+    Like ``dict(module.named_parameters())``, except that a parameter under a
+    ``torch.nn.utils.parametrize`` parametrization (such as the one
+    :func:`~lora_func.apply_lora` adds) appears once, under its plain name
+    (``"0.weight"``), holding the original tensor, and the parametrizations' own
+    parameters (LoRA's ``A`` and ``B``) are left out: the names
+    :func:`init_adapters` and :func:`~lora_func.get_adapters` use. (To call a module
+    prepared with :func:`~lora_func.apply_lora` functionally, use
+    :func:`~lora_func.module_params`.)
+
+    Args:
+        module: any ``nn.Module``.
+
+    Returns:
+        A new dict from names to the module's parameter tensors (not copies).
+
+    Example:
+        >>> import torch, lora_func
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+        >>> _ = lora_func.apply_lora(model[0])
+        >>> sorted(lora_func.base_params(model))
+        ['0.bias', '0.weight']
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"base_params(module): module must be an nn.Module, got {type(module).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        parts = name.split(".")
+        if "parametrizations" in parts:
+            i = len(parts) - 1 - parts[::-1].index("parametrizations")
+            if parts[i + 2 :] == ["original"]:
+                out[".".join([*parts[:i], parts[i + 1]])] = param
+            continue
+        out[name] = param
+    return out
+
+
+def _params_of(module_or_params: Any, where: str) -> Mapping[str, torch.Tensor]:
+    if isinstance(module_or_params, nn.Module):
+        return base_params(module_or_params)
+    if isinstance(module_or_params, Mapping):
+        return module_or_params
+    raise TypeError(
+        f"{where}: module_or_params must be an nn.Module or a mapping of names to tensors, "
+        f"got {type(module_or_params).__name__}"
+    )
+
+
+def match_targets(names: Iterable[str], targets: str | Iterable[str], where: str = "match_targets") -> list[str]:
+    """The names (in their given order) matched by a glob pattern or a list of them.
+
+    Patterns use :mod:`fnmatch` syntax over full dotted names (``"*.weight"``,
+    ``"encoder.*.weight"``, ``"0.weight"``).
+
+    Raises:
+        ValueError: if a pattern matches no name (a misspelt target is an error, not a
+            silent no-op), or ``targets`` is empty.
+        TypeError: if ``targets`` is not a string or an iterable of strings.
+    """
+    patterns = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, Iterable) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{where}: targets must be a glob pattern or a list of them, got {targets!r}")
+    if not patterns:
+        raise ValueError(f"{where}: targets is empty; give at least one pattern such as '*.weight'")
+    names = list(names)
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(f"{where}: targets {unmatched} match no parameter; parameters are {names}")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def init_adapters(
+    module_or_params: nn.Module | Mapping[str, torch.Tensor],
+    targets: str | Iterable[str],
+    *,
+    r: int = 8,
+    alpha: float = 8.0,
+    init: str = "kaimingA_zeroB",
+    generator: torch.Generator | None = None,
+) -> dict[str, LoRA]:
+    """New adapters for every parameter whose name matches ``targets``.
+
+    Each adapter is made by :func:`lora_func.init` on its parameter's device and in its
+    dtype; draws happen in parameter order, from ``generator`` when given.
+
+    Args:
+        module_or_params: a module (its parameters as in :func:`base_params`) or a
+            mapping from names to tensors.
+        targets: a glob pattern over parameter names (``"*.weight"``) or a list of them.
+        r: the rank of every adapter.
+        alpha: ``scaling = alpha / r``.
+        init: see :func:`lora_func.init`.
+        generator: the random generator to draw from.
+
+    Returns:
+        A dict from parameter name (``"encoder.0.weight"``) to :class:`LoRA`, in
+        parameter order.
+
+    Raises:
+        ValueError: if a pattern matches nothing, a matched parameter is not 2- to 5-D
+            (narrow the pattern, e.g. ``"*.weight"``), or ``r``/``alpha``/``init`` is
+            invalid.
+        TypeError: if ``module_or_params`` or ``targets`` has the wrong type.
+
+    Example:
+        >>> import torch, lora_func
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> adapters = lora_func.init_adapters(model, "*.weight", r=2)
+        >>> {k: v.shape for k, v in adapters.items()}
+        {'0.weight': (4, 3), '2.weight': (2, 4)}
+    """
+    where = "init_adapters"
+    params = _params_of(module_or_params, where)
+    r = check_rank(r, where)
+    alpha = check_alpha(alpha, where)
+    init = check_init(init, where)
+    names = match_targets(params.keys(), targets, where)
+    bad = [f"{n} {tuple(params[n].shape)}" for n in names if params[n].dim() not in WEIGHT_DIMS]
+    if bad:
+        raise ValueError(
+            f"{where}: targets match parameters LoRA cannot adapt (it needs 2- to 5-D weights): {bad}; "
+            "narrow the pattern, e.g. '*.weight'"
+        )
+    out = {}
+    for n in names:
+        p = params[n]
+        dtype = p.dtype if p.dtype.is_floating_point else None
+        out[n] = init_one(p.shape, r, alpha, init, generator=generator, device=p.device, dtype=dtype)
+    return out
+
+
+def _check_keys(params: Mapping[str, Any], adapters: Mapping[str, Any], where: str) -> None:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{where}: params must be a mapping of names to tensors, got {type(params).__name__}")
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"{where}: adapters must be a mapping of names to LoRA, got {type(adapters).__name__}")
+    wrong = {k: type(v).__name__ for k, v in adapters.items() if not isinstance(v, LoRA)}
+    if wrong:
+        raise TypeError(f"{where}: adapters must map names to lora_func.LoRA; got {wrong}")
+    missing = [k for k in adapters if k not in params]
+    if missing:
+        raise ValueError(f"{where}: adapters {missing} name no parameter in params; parameters are {list(params)}")
+
+
+def effective_params(params: Mapping[str, torch.Tensor], adapters: Mapping[str, LoRA]) -> dict[str, torch.Tensor]:
+    """``params`` with every adapted weight replaced by its merged weight.
+
+    The result goes straight to ``torch.func.functional_call(model, result, args)``.
+    A pure function: neither ``params`` nor the adapters change.
+
+    Args:
+        params: names to tensors, e.g. ``dict(model.named_parameters())`` or
+            :func:`base_params`.
+        adapters: names to :class:`LoRA`, e.g. from :func:`init_adapters`.
+
+    Returns:
+        A new dict with the keys of ``params``; adapted entries are
+        :func:`lora_func.merge` of the parameter and its adapter.
+
+    Raises:
+        ValueError: if an adapter names no parameter, or its shape does not fit.
+        TypeError: if the arguments are not mappings, or an adapter is not a :class:`LoRA`.
+
+    Example:
+        >>> import torch, lora_func
+        >>> model = torch.nn.Linear(3, 2)
+        >>> params = dict(model.named_parameters())
+        >>> adapters = lora_func.init_adapters(params, "weight", r=1, init="gaussian")
+        >>> y = torch.func.functional_call(model, lora_func.effective_params(params, adapters), (torch.ones(1, 3),))
+        >>> y.shape
+        torch.Size([1, 2])
+    """
+    where = "effective_params(params, adapters)"
+    _check_keys(params, adapters, where)
+    out = dict(params)
+    for name, lora in adapters.items():
+        try:
+            out[name] = merge(params[name], lora)
+        except ValueError as err:
+            raise ValueError(f"{where}: adapter {name!r}: {err}") from None
+    return out
