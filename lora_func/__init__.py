@@ -7,6 +7,7 @@ The functional core: :class:`LoRA` (the adapter pytree node), :func:`init`, :fun
 :func:`remove_lora`, and the bridge :func:`get_adapters` / :func:`set_adapters`.
 """
 
+from ._dist import all_reduce_grads as all_reduce_grads
 from ._math import INITS as INITS
 from ._math import delta as delta
 from ._math import init as init
@@ -32,6 +33,7 @@ __all__ = [
     "INITS",
     "LoRA",
     "LoRAParam",
+    "all_reduce_grads",
     "apply_lora",
     "base_params",
     "delta",
