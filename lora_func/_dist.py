@@ -38,7 +38,6 @@ def all_reduce_grads(tree: Any, *, op: str = "mean", group: Any = None) -> Any:
         TypeError: if a leaf is not a tensor.
 
     Example:
-        >>> import torch, lora_func
         Inside a process group (``torchrun``, or ``torch.distributed.init_process_group``)::
 
             grads = torch.func.vmap(torch.func.grad(loss))(stacked, x_shard, y_shard)

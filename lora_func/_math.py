@@ -150,11 +150,20 @@ def _scaled_product(
     return scaling * (B @ A).view(*lead, *shape)
 
 
+#: Base dtypes whose merge is accumulated in float32 (then rounded once to the base dtype).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def _update(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor | float) -> torch.Tensor:
     """The formula: ``base + scaling * (B @ A).view(base.shape)``, returned in ``base``'s dtype.
 
-    Batch dimensions of ``A``, ``B`` and ``scaling`` lead the result.
+    Batch dimensions of ``A``, ``B`` and ``scaling`` lead the result. When the base or the
+    factors are float16/bfloat16, the product and the sum are computed in float32 and the
+    result is rounded to the base dtype once, so a merge costs one rounding, not three.
     """
+    if base.dtype in LOW_PRECISION or A.dtype in LOW_PRECISION or B.dtype in LOW_PRECISION:
+        wide = base.float() + _scaled_product(A.float(), B.float(), scaling, tuple(base.shape))
+        return wide.to(base.dtype)
     out = base + _scaled_product(A, B, scaling, tuple(base.shape))
     return out if out.dtype == base.dtype else out.to(base.dtype)
 
@@ -185,23 +194,28 @@ def delta(lora: LoRA) -> torch.Tensor:
     return _scaled_product(lora.A, lora.B, lora.scaling, lora.shape)
 
 
-def merge(base: torch.Tensor, lora: LoRA) -> torch.Tensor:
+def merge(base: torch.Tensor, lora: LoRA, *, check_finite: bool = False) -> torch.Tensor:
     """The effective weight ``base + scaling * (B @ A).view(base.shape)``, in ``base``'s dtype.
 
     A pure function: ``base`` is not modified. Gradients flow to ``A``, ``B`` and
     ``scaling`` (and to ``base`` if it requires them). For a stacked adapter the result
     has the adapter's leading dimensions first.
 
+    For float16/bfloat16 bases (or factors) the sum is accumulated in float32 and rounded
+    to the base dtype once.
+
     Args:
         base: the frozen weight, of shape ``lora.shape``.
         lora: the adapter.
+        check_finite: refuse (``ValueError``) to return a weight with NaN or Inf in it.
 
     Returns:
         The effective weight.
 
     Raises:
         TypeError: if ``base`` is not a tensor or ``lora`` not a :class:`LoRA`.
-        ValueError: if ``base.shape`` is not ``lora.shape``, or the weight is not 2- to 5-D.
+        ValueError: if ``base.shape`` is not ``lora.shape``, the weight is not 2- to 5-D, or
+            ``check_finite`` is set and the merged weight is not finite.
 
     Example:
         >>> import torch, lora_func
@@ -219,7 +233,16 @@ def merge(base: torch.Tensor, lora: LoRA) -> torch.Tensor:
         raise ValueError(
             f"merge(base, lora): base has shape {tuple(base.shape)} but lora was made for shape {lora.shape}"
         )
-    return _update(base, lora.A, lora.B, lora.scaling)
+    out = _update(base, lora.A, lora.B, lora.scaling)
+    if check_finite:
+        _check_finite(out, "merge(base, lora)")
+    return out
+
+
+def _check_finite(weight: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"{where}: the merged weight has {bad} non-finite values (NaN or Inf); nothing was merged")
 
 
 def _expect_lora(lora: Any, where: str) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.utils.parametrize as P
 from torch import nn
 
-from ._math import _update, check_alpha, check_init, check_rank, check_weight_shape, fill_factors
+from ._math import _check_finite, _update, check_alpha, check_init, check_rank, check_weight_shape, fill_factors
 from ._tree import LoRA, _prod, _scaling_dtype
 
 __all__ = ["LoRAParam", "apply_lora", "get_adapters", "module_params", "remove_lora", "set_adapters"]
@@ -216,7 +216,9 @@ def apply_lora(
     return lora
 
 
-def remove_lora(module: nn.Module, param_name: str = "weight", merge: bool = True) -> None:
+def remove_lora(
+    module: nn.Module, param_name: str = "weight", merge: bool = True, *, check_finite: bool = False
+) -> None:
     """Removes the LoRA parametrization from ``module.<param_name>``.
 
     With ``merge=True`` the parameter becomes the effective weight ``W + scaling * B @ A``
@@ -228,9 +230,12 @@ def remove_lora(module: nn.Module, param_name: str = "weight", merge: bool = Tru
         module: the module that owns the weight.
         param_name: the parameter whose LoRA to remove.
         merge: fold the update into the weight (``True``) or drop it (``False``).
+        check_finite: with ``merge=True``, refuse to merge a weight with NaN or Inf in it
+            (``ValueError``), leaving the module exactly as it was.
 
     Raises:
-        ValueError: if the parameter has no LoRA parametrization, or has other
+        ValueError: if the parameter has no LoRA parametrization, if ``check_finite`` finds
+            a non-finite merged weight, or if the parameter has other
             parametrizations too (remove those with
             ``torch.nn.utils.parametrize.remove_parametrizations``).
         TypeError: for arguments of the wrong type.
@@ -258,6 +263,9 @@ def remove_lora(module: nn.Module, param_name: str = "weight", merge: bool = Tru
             f"({[type(p).__name__ for p in chain]}); remove them with "
             "torch.nn.utils.parametrize.remove_parametrizations"
         )
+    if merge and check_finite:
+        with torch.no_grad():
+            _check_finite(getattr(module, param_name), where)
     requires_grad = lora.base_requires_grad
     P.remove_parametrizations(module, param_name, leave_parametrized=merge)
     if requires_grad is not None:
