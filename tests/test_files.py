@@ -125,13 +125,13 @@ def test_truncated_file_is_a_clear_error(tmp_path):
 def test_corrupt_and_foreign_files_are_clear_errors(tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
-    with pytest.raises(ValueError, match="garbage.safetensors.*not a readable safetensors file"):
+    with pytest.raises(ValueError, match=r"garbage.safetensors.*not a readable safetensors file"):
         lora_func.load(garbage)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(foreign))
-    with pytest.raises(ValueError, match="foreign.safetensors.*not a lora_func adapter file"):
+    with pytest.raises(ValueError, match=r"foreign.safetensors.*not a lora_func adapter file"):
         lora_func.load(foreign)
-    with pytest.raises(ValueError, match="foreign.safetensors.*not a lora_func adapter file"):
+    with pytest.raises(ValueError, match=r"foreign.safetensors.*not a lora_func adapter file"):
         lora_func.load_metadata(foreign)
     with pytest.raises(FileNotFoundError, match="no file at"):
         lora_func.load(tmp_path / "absent.safetensors")
@@ -149,13 +149,13 @@ def test_header_and_tensors_must_agree(tmp_path):
     with pytest.raises(ValueError, match=r"bad.safetensors.*missing \['v.A', 'v.B', 'v.scaling'\]"):
         lora_func.load(path)
     save_file(tensors, str(path), metadata={"lora_func": json.dumps(_header(w={**info, "shape": [4, 5]}))})
-    with pytest.raises(ValueError, match="bad.safetensors.*adapter 'w' does not match its header"):
+    with pytest.raises(ValueError, match=r"bad.safetensors.*adapter 'w' does not match its header"):
         lora_func.load(path)
     save_file(tensors, str(path), metadata={"lora_func": json.dumps({**_header(w=info), "version": 99})})
-    with pytest.raises(ValueError, match="bad.safetensors.*format version 99"):
+    with pytest.raises(ValueError, match=r"bad.safetensors.*format version 99"):
         lora_func.load(path)
     save_file(tensors, str(path), metadata={"lora_func": "{not json"})
-    with pytest.raises(ValueError, match="bad.safetensors.*corrupt lora_func header"):
+    with pytest.raises(ValueError, match=r"bad.safetensors.*corrupt lora_func header"):
         lora_func.load(path)
 
 
@@ -222,7 +222,7 @@ def test_check_type_errors():
         TypeError, match=r"check\(adapters, module_or_params\): adapters\['w'\] must be a lora_func.LoRA"
     ):
         lora_func.check({"w": torch.zeros(2, 2)}, _model())
-    with pytest.raises(TypeError, match="module_or_params must be an nn.Module or a mapping"):
+    with pytest.raises(TypeError, match=r"module_or_params must be an nn.Module or a mapping"):
         lora_func.check({}, [1, 2])
     with pytest.raises(TypeError, match="adapters must be a mapping"):
         lora_func.check(lora_func.init((2, 2), r=1), _model())
