@@ -21,11 +21,13 @@ from ._stateful import set_adapters as set_adapters
 from ._targets import base_params as base_params
 from ._targets import effective_params as effective_params
 from ._targets import init_adapters as init_adapters
+from ._targets import lora_params as lora_params
 from ._tree import LoRA as LoRA
 from ._tree import is_lora as is_lora
 from ._tree import stack as stack
 from ._tree import trainable as trainable
 from ._tree import unstack as unstack
+from ._weight import LoRAWeight as LoRAWeight
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,7 @@ __all__ = [
     "INITS",
     "LoRA",
     "LoRAParam",
+    "LoRAWeight",
     "all_reduce_grads",
     "apply_lora",
     "base_params",
@@ -42,6 +45,7 @@ __all__ = [
     "init",
     "init_adapters",
     "is_lora",
+    "lora_params",
     "merge",
     "module_params",
     "remove_lora",

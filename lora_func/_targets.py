@@ -199,3 +199,65 @@ def effective_params(params: Mapping[str, torch.Tensor], adapters: Mapping[str, 
         except ValueError as err:
             raise ValueError(f"{where}: adapter {name!r}: {err}") from None
     return out
+
+
+# lora_params builds on _weight, which sits above _math; imported here, next to its one user.
+from ._weight import LoRAWeight, _make, check_mode  # noqa: E402
+
+__all__ += ["lora_params"]
+
+
+def lora_params(
+    params: Mapping[str, torch.Tensor], adapters: Mapping[str, LoRA], *, mode: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """``params`` with every adapted weight replaced by a :class:`~lora_func.LoRAWeight`.
+
+    Like :func:`effective_params`, but nothing is merged up front: ``F.linear``,
+    ``F.conv1d/2d/3d`` and ``F.embedding`` over the result compute
+    ``W x + s·B(A x)`` (or merge, when that is cheaper), and any other use of a weight
+    sees the merged weight. The outputs and gradients are those of
+    :func:`effective_params` up to floating-point rounding. Call it where the weights are
+    used: inside the loss given to ``torch.func.grad``, inside the function given to
+    ``torch.func.vmap`` over stacked adapters, or inside a ``torch.compile``\\ d step.
+
+    Args:
+        params: names to tensors, e.g. :func:`base_params`.
+        adapters: names to unbatched :class:`LoRA` (inside ``vmap``, stacked adapters
+            look unbatched).
+        mode: ``"auto"`` picks, per layer and per call, the cheaper of the factored form
+            (``tokens·r·(in+out)`` extra work; convolutions count output pixels) and the
+            merge (``out·in·r``); ``"factored"`` and ``"materialize"`` force one.
+
+    Returns:
+        A new dict with the keys of ``params``; adapted entries are
+        :class:`~lora_func.LoRAWeight`.
+
+    Raises:
+        ValueError: if ``mode`` is unknown, an adapter names no parameter, its shape does
+            not fit, or it is stacked (use ``torch.func.vmap``).
+        TypeError: if the arguments are not mappings, or an adapter is not a :class:`LoRA`.
+
+    Example:
+        >>> import torch, lora_func
+        >>> model = torch.nn.Linear(3, 2)
+        >>> params = dict(model.named_parameters())
+        >>> adapters = lora_func.init_adapters(params, "weight", r=1, init="gaussian")
+        >>> x = torch.ones(1, 3)
+        >>> y = torch.func.functional_call(model, lora_func.lora_params(params, adapters), (x,))
+        >>> y_ref = torch.func.functional_call(model, lora_func.effective_params(params, adapters), (x,))
+        >>> torch.allclose(y, y_ref)
+        True
+    """
+    where = "lora_params(params, adapters)"
+    check_mode(mode, where)
+    _check_keys(params, adapters, where)
+    out = dict(params)
+    for name, lora in adapters.items():
+        base = params[name]
+        if tuple(base.shape) != lora.shape or lora.A.dim() != 2:
+            try:
+                LoRAWeight(base, lora, mode)
+            except ValueError as err:
+                raise ValueError(f"{where}: adapter {name!r}: {err}") from None
+        out[name] = _make(base, lora.A, lora.B, lora.scaling, mode)
+    return out
