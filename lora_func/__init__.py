@@ -7,6 +7,11 @@ The functional core: :class:`LoRA` (the adapter pytree node), :func:`init`, :fun
 :func:`remove_lora`, and the bridge :func:`get_adapters` / :func:`set_adapters`.
 """
 
+from ._arith import add as add
+from ._arith import mean as mean
+from ._arith import scale as scale
+from ._arith import truncate as truncate
+from ._arith import weighted_sum as weighted_sum
 from ._dist import all_reduce_grads as all_reduce_grads
 from ._math import INITS as INITS
 from ._math import delta as delta
@@ -35,6 +40,7 @@ __all__ = [
     "INITS",
     "LoRA",
     "LoRAParam",
+    "add",
     "LoRAWeight",
     "all_reduce_grads",
     "apply_lora",
@@ -45,12 +51,16 @@ __all__ = [
     "init",
     "init_adapters",
     "is_lora",
+    "mean",
     "lora_params",
     "merge",
     "module_params",
     "remove_lora",
+    "scale",
     "set_adapters",
     "stack",
     "trainable",
+    "truncate",
     "unstack",
+    "weighted_sum",
 ]
