@@ -201,6 +201,11 @@ def apply_lora(
             f"{where}: {param_name} already has a LoRA parametrization; call remove_lora(module, {param_name!r}) first"
         )
     base = getattr(module, param_name)
+    # Checked here too, so that errors name apply_lora rather than LoRAParam.
+    check_weight_shape(tuple(base.shape), where)
+    check_rank(r, where)
+    check_alpha(alpha, where)
+    check_init(init, where)
     original = _chain(module, param_name).original if P.is_parametrized(module, param_name) else base
     dev = base.device if device is None else _resolve_device(device, where)
     if dev != base.device and not (dev.type == base.device.type and dev.index is None):
