@@ -297,14 +297,15 @@ def stack(trees: Sequence[Any]) -> Any:
                 raise TypeError(
                     f"stack(trees): trees[{i}] has a leaf of type {type(leaf).__name__}; leaves must be tensors"
                 )
+        # Compare adapters at the same path first (a rank mismatch leaves the specs equal).
+        for (path, a), (path_b, b) in zip(_loras(trees[0]), _loras(trees[i]), strict=False):
+            if path == path_b and (a.shape != b.shape or a.r != b.r):
+                raise ValueError(
+                    f"stack(trees): trees[{i}]{path} has weight shape {b.shape} and rank {b.r}, "
+                    f"but trees[0]{path} has weight shape {a.shape} and rank {a.r}; "
+                    "stacked adapters must share shapes and ranks"
+                )
         if spec != spec0:
-            for (path, a), (_, b) in zip(_loras(trees[0]), _loras(trees[i]), strict=False):
-                if a.shape != b.shape or a.r != b.r:
-                    raise ValueError(
-                        f"stack(trees): trees[{i}]{path} has weight shape {b.shape} and rank {b.r}, "
-                        f"but trees[0]{path} has weight shape {a.shape} and rank {a.r}; "
-                        "stacked adapters must share shapes and ranks"
-                    )
             raise ValueError(
                 f"stack(trees): trees[{i}] does not have the structure of trees[0] "
                 f"(adapters {[p for p, _ in _loras(trees[i])]} vs {paths0})"
