@@ -5,14 +5,14 @@ state dict of a model prepared with :func:`~lora_func.apply_lora` (:func:`from_s
 Layouts, for a weight of shape ``shape`` and an adapter with ``A (r, in_flat)`` and
 ``B (out, r)`` (``W + scaling * B @ A``):
 
-=====================  ===========================  ===================================
-PEFT target            ``lora_A`` / ``lora_embedding_A``  ``lora_B`` / ``lora_embedding_B``
-=====================  ===========================  ===================================
-Linear                 ``A``  (r, in)               ``B``  (out, r)
-Conv1d/2d/3d           ``A`` as (r, in, *kernel)    ``B`` as (out, r, 1, ...)
-Embedding              ``B.T`` (r, num_embeddings)  ``A.T`` (embedding_dim, r)
-``fan_in_fan_out``     ``B.T`` (r, in)              ``A.T`` (out, r)
-=====================  ===========================  ===================================
+=====================  ====================================  ====================================
+PEFT target            ``lora_A`` (``lora_embedding_A``)     ``lora_B`` (``lora_embedding_B``)
+=====================  ====================================  ====================================
+Linear                 ``A`` (r, in)                         ``B`` (out, r)
+Conv1d/2d/3d           ``A`` as (r, in, kernel...)           ``B`` as (out, r, 1, ...)
+Embedding              ``B.T`` (r, num_embeddings)           ``A.T`` (embedding_dim, r)
+``fan_in_fan_out``     ``B.T`` (r, in)                       ``A.T`` (out, r)
+=====================  ====================================  ====================================
 
 (``fan_in_fan_out`` is for weights stored as ``(in, out)``, such as the ``Conv1D`` of
 GPT-2 in ``transformers``.) Every conversion rebuilds the weight update from the
