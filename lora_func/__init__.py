@@ -13,10 +13,18 @@ from ._arith import scale as scale
 from ._arith import truncate as truncate
 from ._arith import weighted_sum as weighted_sum
 from ._dist import all_reduce_grads as all_reduce_grads
+from ._files import check as check
+from ._files import load as load
+from ._files import load_metadata as load_metadata
+from ._files import save as save
 from ._math import INITS as INITS
 from ._math import delta as delta
 from ._math import init as init
 from ._math import merge as merge
+from ._peft import export_peft as export_peft
+from ._peft import from_state_dict as from_state_dict
+from ._peft import import_peft as import_peft
+from ._peft import to_state_dict as to_state_dict
 from ._stateful import LoRAParam as LoRAParam
 from ._stateful import apply_lora as apply_lora
 from ._stateful import get_adapters as get_adapters
@@ -45,20 +53,28 @@ __all__ = [
     "all_reduce_grads",
     "apply_lora",
     "base_params",
+    "check",
     "delta",
     "effective_params",
+    "export_peft",
+    "from_state_dict",
     "get_adapters",
+    "import_peft",
     "init",
     "init_adapters",
     "is_lora",
+    "load",
+    "load_metadata",
     "lora_params",
     "mean",
     "merge",
     "module_params",
     "remove_lora",
+    "save",
     "scale",
     "set_adapters",
     "stack",
+    "to_state_dict",
     "trainable",
     "truncate",
     "unstack",

@@ -14,6 +14,7 @@ import torch
 import torch.nn.utils.parametrize as P
 from torch import nn
 
+from ._files import _check
 from ._math import _check_finite, _update, check_alpha, check_init, check_rank, check_weight_shape, fill_factors
 from ._tree import LoRA, _prod, _scaling_dtype
 
@@ -352,6 +353,8 @@ def set_adapters(module: nn.Module, adapters: Mapping[str, LoRA]) -> None:
         raise TypeError(f"{where}: module must be an nn.Module, got {type(module).__name__}")
     if not isinstance(adapters, Mapping):
         raise TypeError(f"{where}: adapters must be a mapping of names to LoRA, got {type(adapters).__name__}")
+    # Every unknown name and shape mismatch in one error (dtypes need not match: values are cast).
+    _check(adapters, module, where, missing=False, dtypes=False)
     plan = []
     for name, lora in adapters.items():
         if not isinstance(lora, LoRA):
