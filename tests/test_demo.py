@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -177,6 +179,7 @@ def test_tiny_run_end_to_end(tmp_path, capsys) -> None:
     assert summary["check"]["passed"] is True
     assert summary["speed"]["speedup"] > 0
     assert summary["pretrained_from_cache"] is False
+    assert summary["threads"] == 1  # the CLI's default
     png = (tmp_path / "loss_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     assert (tmp_path / summary["best"]["file"]).exists()
@@ -209,3 +212,18 @@ def test_cli_rejects_bad_counts(capsys) -> None:
     with pytest.raises(SystemExit):
         demo.main(["--steps", "0"])
     assert "--steps must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.main(["--threads", "0"])
+    assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_module_imports_without_the_demo_extra() -> None:
+    # The doctest run imports every module of lora_func: scikit-learn, matplotlib and tqdm
+    # are imported only inside the functions that need them.
+    code = (
+        "import sys; sys.modules.update(dict.fromkeys(['sklearn', 'matplotlib', 'tqdm'])); "
+        "import lora_func.demo; print(lora_func.demo.make_model()[0].weight.shape)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch.Size([16, 1, 3, 3])"
