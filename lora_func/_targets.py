@@ -252,6 +252,7 @@ def lora_params(
     check_mode(mode, where)
     _check_keys(params, adapters, where)
     out = dict(params)
+    compiling = torch.compiler.is_compiling()
     for name, lora in adapters.items():
         base = params[name]
         if tuple(base.shape) != lora.shape or lora.A.dim() != 2:
@@ -259,5 +260,8 @@ def lora_params(
                 LoRAWeight(base, lora, mode)
             except ValueError as err:
                 raise ValueError(f"{where}: adapter {name!r}: {err}") from None
-        out[name] = _make(base, lora.A, lora.B, lora.scaling, mode)
+        if compiling:  # torch.compile puts the class call, with tensor arguments, in the graph
+            out[name] = LoRAWeight(base, mode=mode, A=lora.A, B=lora.B, scaling=lora.scaling)
+        else:
+            out[name] = _make(base, lora.A, lora.B, lora.scaling, mode)
     return out

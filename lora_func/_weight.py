@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
-from ._math import _update
-from ._tree import LoRA
+from ._math import WEIGHT_DIMS, _update
+from ._tree import LoRA, _prod
 
 __all__ = ["MODES", "LoRAWeight"]
 
@@ -105,23 +105,37 @@ class LoRAWeight(torch.Tensor):
     __slots__ = ("A", "B", "base", "route", "scaling")
 
     @staticmethod
-    def __new__(cls, base: torch.Tensor, lora: LoRA, mode: str = "auto") -> LoRAWeight:
+    def __new__(
+        cls,
+        base: torch.Tensor,
+        lora: LoRA | None = None,
+        mode: str = "auto",
+        *,
+        A: torch.Tensor | None = None,
+        B: torch.Tensor | None = None,
+        scaling: torch.Tensor | None = None,
+    ) -> LoRAWeight:
         where = "LoRAWeight(base, lora)"
         if not isinstance(base, torch.Tensor):
             raise TypeError(f"{where}: base must be a torch.Tensor, got {type(base).__name__}")
-        if not isinstance(lora, LoRA):
-            raise TypeError(f"{where}: lora must be a lora_func.LoRA, got {type(lora).__name__}")
+        if lora is not None:
+            if not isinstance(lora, LoRA):
+                raise TypeError(f"{where}: lora must be a lora_func.LoRA, got {type(lora).__name__}")
+            if A is not None or B is not None or scaling is not None:
+                raise TypeError(f"{where}: give either lora or A, B and scaling, not both")
+            A, B, scaling = lora.A, lora.B, lora.scaling
+        elif A is None or B is None or scaling is None:
+            raise TypeError(f"{where}: lora is missing; give a lora_func.LoRA (or all of A, B and scaling)")
         check_mode(mode, where)
-        if lora.A.dim() != 2:
+        if A.dim() != 2:
             raise ValueError(
-                f"{where}: lora has batch dimensions {tuple(lora.A.shape[:-2])}; build one LoRAWeight per "
+                f"{where}: lora has batch dimensions {tuple(A.shape[:-2])}; build one LoRAWeight per "
                 "adapter, or call it inside torch.func.vmap over the stacked adapters"
             )
-        if tuple(base.shape) != lora.shape:
-            raise ValueError(f"{where}: base has shape {tuple(base.shape)} but lora was made for shape {lora.shape}")
-        return _make(base, lora.A, lora.B, lora.scaling, mode)
+        check_fit(base, A, B, scaling, where)
+        return _make(base, A, B, scaling, mode)
 
-    def __init__(self, base: torch.Tensor, lora: LoRA, mode: str = "auto") -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Everything happens in __new__; torch.Tensor.__init__ takes no arguments.
         pass
 
@@ -161,11 +175,11 @@ class LoRAWeight(torch.Tensor):
                 out = handler(*args, **kwargs)
                 if out is not NotImplemented:
                     return out
-            elif func in _METADATA:
-                return func(*args, **kwargs)
             elif func == _REQUIRES_GRAD:
                 w = args[0]
                 return w.base.requires_grad or w.A.requires_grad or w.B.requires_grad
+            elif func in _METADATA or (func.__name__ == "__get__" and func not in _VALUE_GETTERS):
+                return func(*args, **kwargs)
             args, kwargs = tree_map_only(LoRAWeight, LoRAWeight.materialize, (args, kwargs))
             return func(*args, **kwargs)
 
@@ -188,6 +202,22 @@ def _make(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.T
     self.scaling = scaling
     self.route = mode
     return self  # type: ignore[no-any-return]
+
+
+def check_fit(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, where: str) -> None:
+    """A ``ValueError`` naming ``where`` unless ``A``, ``B`` and ``scaling`` fit ``base``."""
+    if not isinstance(scaling, torch.Tensor) or scaling.dim() != 0:
+        raise ValueError(f"{where}: scaling must be a 0-d tensor, got {scaling!r}")
+    if base.dim() not in WEIGHT_DIMS:
+        raise ValueError(f"{where}: base has shape {tuple(base.shape)}; LoRA needs a 2- to 5-D weight")
+    out, in_flat = base.shape[0], _prod(base.shape[1:])
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(f"{where}: A {tuple(A.shape)} and B {tuple(B.shape)} are not (r, in) and (out, r) factors")
+    if A.shape[1] != in_flat or B.shape[0] != out:
+        raise ValueError(
+            f"{where}: base has shape {tuple(base.shape)} but the factors A {tuple(A.shape)} and "
+            f"B {tuple(B.shape)} were made for another shape (expected A (r, {in_flat}) and B ({out}, r))"
+        )
 
 
 def check_mode(mode: Any, where: str) -> str:
@@ -312,11 +342,26 @@ _HANDLERS: dict[Any, Callable[..., Any]] = {
 }
 
 # Functions that only read the wrapper's metadata: answered by the wrapper, nothing merged.
+# Property getters (``shape``, ``dtype``, ``is_quantized``, ...) are metadata too, except
+# those in _VALUE_GETTERS, which return the weight's values.
 _METADATA: frozenset[Any] = frozenset(
-    [getattr(torch.Tensor, name).__get__ for name in ("shape", "dtype", "device", "ndim", "layout", "is_cuda")]
-    + [
-        getattr(torch.Tensor, name)
-        for name in ("size", "dim", "numel", "stride", "is_floating_point", "is_complex", "element_size", "__len__")
-    ]
+    getattr(torch.Tensor, name)
+    for name in (
+        "size",
+        "dim",
+        "numel",
+        "stride",
+        "storage_offset",
+        "is_floating_point",
+        "is_complex",
+        "is_contiguous",
+        "element_size",
+        "get_device",
+        "_is_view",
+        "__len__",
+    )
+)
+_VALUE_GETTERS: frozenset[Any] = frozenset(
+    getattr(torch.Tensor, name).__get__ for name in ("T", "mT", "H", "mH", "real", "imag", "data")
 )
 _REQUIRES_GRAD = torch.Tensor.requires_grad.__get__  # type: ignore[attr-defined]
