@@ -21,28 +21,33 @@ Every other operation on a :class:`LoRAWeight` (``w.sum()``, ``w @ x``, ``w.T``,
 gradients to ``A`` and ``B``, but it pays for building ``W + s·BA``. Metadata (``shape``,
 ``dtype``, ``device``, ``size()``, ``dim()``, …) is the base weight's and costs nothing.
 
-The route per call is the weight's ``mode``: ``"factored"``, ``"materialize"`` (merge, then
-the ordinary op), or ``"auto"``, which compares, at call time, the extra work of the
-factored form (``tokens·r·(in+out)``; for a convolution, output pixels times
-``r·(in·k + out)``) with that of merging (``out·in·k·r``) and takes the cheaper. The routes
-agree up to floating-point rounding.
+The route per call is set by the ``mode`` the weight was made with (its ``route``
+attribute): ``"factored"``, ``"materialize"`` (merge, then the ordinary op), or ``"auto"``,
+which compares, at call time, the extra work of the factored form (``tokens·r·(in+out)``;
+for a convolution, output positions times ``r·(in·k + out)``) with that of merging
+(``out·in·k·r``) and takes the cheaper. The routes agree up to floating-point rounding.
 
 Transforms: works under ``torch.func.grad``, ``torch.func.vmap`` (build the
 :class:`LoRAWeight` inside the vmapped function, from the batched ``A``/``B``; this is what
 :func:`lora_func.lora_params` does when called there) and plain autograd. The class is a
-traceable wrapper subclass (``__tensor_flatten__`` / ``__tensor_unflatten__``), and
+traceable wrapper subclass (``__tensor_flatten__`` / ``__tensor_unflatten__``);
 ``__torch_dispatch__`` merges for any op that reaches the dispatcher with torch functions
-disabled.
+disabled (such an op records no gradient for ``A`` and ``B``).
 
-``torch.compile`` (torch 2.13, CPU): a training step that calls
-:func:`lora_func.lora_params` and ``functional_call`` inside the compiled function and
-``loss.backward()`` compiles with ``fullgraph=True`` (backends eager, aot_eager, inductor)
-and matches eager; Dynamo traces ``__torch_function__``, so the graph holds the factored ops
-and no subclass at all. Under ``torch.compile`` the ``"auto"`` choice is made at trace time
-from static shapes (a change of token count recompiles). ``torch.compile`` of a function
-that calls ``torch.func.grad`` or ``vmap`` over :func:`lora_params` also compiles with
-``fullgraph=True``. Passing a :class:`LoRAWeight` *into* a compiled function as an argument is
-not supported (the wrapper is meant to be built where it is used).
+``torch.compile`` (checked on torch 2.13, CPU, backends eager, aot_eager and inductor):
+
+* compiles with ``fullgraph=True`` and matches eager: a loss that calls
+  :func:`lora_func.lora_params` and ``functional_call`` (backward outside, through AOT
+  autograd); ``torch.func.grad`` of it; ``vmap(grad(...))`` over stacked adapters; a whole
+  functional step (grad and the parameter update); convolutions, embeddings, and ops that
+  merge (``w.sum()``). Dynamo inlines ``__torch_function__``, so the graph holds the
+  factored ops. ``"auto"`` decides at trace time from the traced shapes.
+* breaks: ``loss.backward()`` or ``optimizer.step()`` inside the compiled function (a
+  Dynamo limit for any model, not this class); ``LoRAWeight(base, lora)`` with a
+  :class:`~lora_func.LoRA` argument inside compiled code (Dynamo cannot put the node in the
+  graph: use :func:`lora_func.lora_params` or ``LoRAWeight(base, A=..., B=...,
+  scaling=...)``); a :class:`LoRAWeight` passed *into* a compiled function as an argument
+  under aot_eager/inductor (making the fake copy reads its storage; build it inside).
 """
 
 from __future__ import annotations
@@ -78,9 +83,14 @@ class LoRAWeight(torch.Tensor):
         lora: the adapter (unbatched; inside ``vmap`` the batched leaves look unbatched).
         mode: ``"auto"`` (pick the cheaper route per call), ``"factored"`` or
             ``"materialize"``.
+        A: with ``B`` and ``scaling``, the adapter's tensors, in place of ``lora`` (the
+            form to use inside ``torch.compile``\ d code).
+        B: the ``(out, r)`` factor, with ``A``.
+        scaling: the 0-d scaling tensor, with ``A``.
 
     Raises:
-        TypeError: if ``base`` is not a tensor or ``lora`` is not a :class:`~lora_func.LoRA`.
+        TypeError: if ``base`` is not a tensor, ``lora`` is not a :class:`~lora_func.LoRA`,
+            or neither (or both of) ``lora`` and ``A``/``B``/``scaling`` are given.
         ValueError: if ``mode`` is unknown, the shapes do not fit, or ``lora`` has batch
             dimensions (stacked adapters go through ``vmap``).
 
