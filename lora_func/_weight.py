@@ -84,7 +84,7 @@ class LoRAWeight(torch.Tensor):
         mode: ``"auto"`` (pick the cheaper route per call), ``"factored"`` or
             ``"materialize"``.
         A: with ``B`` and ``scaling``, the adapter's tensors, in place of ``lora`` (the
-            form to use inside ``torch.compile``\ d code).
+            form to use inside compiled code).
         B: the ``(out, r)`` factor, with ``A``.
         scaling: the 0-d scaling tensor, with ``A``.
 
