@@ -11,12 +11,14 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 import torch.nn.utils.parametrize as P
 from torch import nn
 
 from ._files import _check
 from ._math import _check_finite, _update, check_alpha, check_init, check_rank, check_weight_shape, fill_factors
 from ._tree import LoRA, _prod, _scaling_dtype
+from ._weight import _make
 
 __all__ = ["LoRAParam", "apply_lora", "get_adapters", "module_params", "remove_lora", "set_adapters"]
 
@@ -219,7 +221,44 @@ def apply_lora(
     lora.base_requires_grad = bool(original.requires_grad)
     P.register_parametrization(module, param_name, lora)
     _chain(module, param_name).original.requires_grad_(False)
+    _install_fast_forward(module, param_name)
     return lora
+
+
+#: Layers whose forward has a factored form: ``x W^T + s (x A^T) B^T`` without building W + sBA.
+_FAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+def _install_fast_forward(module: nn.Module, param_name: str) -> None:
+    """Give a LoRA-parametrized Linear/ConvNd/Embedding a factored forward.
+
+    ``register_parametrization`` put the module in a class of its own, made for it alone
+    (a subclass of its original class); the forward is set on that class, so no other
+    module changes, the state dict and ``module.weight`` stay as they are, and
+    ``remove_lora`` (which restores the original class) takes it away. Subclasses of these
+    layers keep their own forward.
+    """
+    cls = type(module)
+    original = cls.__bases__[0]
+    if param_name != "weight" or original not in _FAST_LAYERS or cls.forward is not original.forward:
+        return
+    cls.forward = _fast_forward  # type: ignore[method-assign]
+
+
+def _fast_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """The layer's forward with its weight as a :class:`~lora_func.LoRAWeight` (factored when cheaper)."""
+    original = type(self).__bases__[0]
+    chain = _chain(self, "weight")
+    lora = chain[0]
+    if len(chain) != 1 or not isinstance(lora, LoRAParam):
+        return original.forward(self, input)  # type: ignore[no-any-return, attr-defined]
+    weight = _make(chain.original, lora.A, lora.B, lora.scaling, "auto")  # type: ignore[arg-type]
+    if original is nn.Linear:
+        return F.linear(input, weight, cast(nn.Linear, self).bias)
+    if original is nn.Embedding:
+        e = cast(nn.Embedding, self)
+        return F.embedding(input, weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+    return cast(nn.Conv2d, self)._conv_forward(input, weight, cast(nn.Conv2d, self).bias)
 
 
 def remove_lora(

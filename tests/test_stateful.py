@@ -320,7 +320,8 @@ def test_remove_lora_round_trips(layer, r, merge, base_trainable, dtype, seed) -
     if merge:
         # The weight the parametrization computed, kept as it was (no recomputation drift).
         assert torch.equal(weight.detach(), effective)
-        assert torch.equal(module(x).detach(), y_adapted)
+        # The adapted layer ran the factored form, the merged one runs W': equal up to rounding.
+        torch.testing.assert_close(module(x).detach(), y_adapted)
     else:
         assert torch.equal(weight.detach(), W0)  # the original tensor, bit for bit
     assert lora_func.get_adapters(module) == {}

@@ -1,0 +1,130 @@
+"""apply_lora's factored forward: same results as rebuilding W + s*BA, without rebuilding it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora_func
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(64, 48), lambda g: torch.randn(3, 64, generator=g, dtype=torch.float64)),
+    "conv1d": (
+        lambda: nn.Conv1d(8, 16, 3, padding=1),
+        lambda g: torch.randn(2, 8, 5, generator=g, dtype=torch.float64),
+    ),
+    "conv2d": (
+        lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1, padding_mode="reflect"),
+        lambda g: torch.randn(2, 8, 5, 5, generator=g, dtype=torch.float64),
+    ),
+    "conv3d": (
+        lambda: nn.Conv3d(4, 8, 2, dilation=2),
+        lambda g: torch.randn(1, 4, 5, 5, 5, generator=g, dtype=torch.float64),
+    ),
+    "embedding": (lambda: nn.Embedding(100, 32, padding_idx=0), lambda g: torch.randint(0, 100, (2, 3), generator=g)),
+}
+
+
+def _prepared(kind: str) -> tuple[nn.Module, torch.Tensor, lora_func.LoRAParam]:
+    torch.manual_seed(0)
+    make, data = LAYERS[kind]
+    layer = make().double()
+    lora = lora_func.apply_lora(layer, r=4, alpha=8.0, init="gaussian")
+    with torch.no_grad():
+        lora.B.normal_()
+        lora.A.normal_()
+    return layer, data(torch.Generator().manual_seed(1)), lora
+
+
+def _merged_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The same layer with W + s*(B@A) written out in float64 as its weight."""
+    chain = layer.parametrizations.weight
+    lora = chain[0]
+    W = chain.original + lora.scaling * (lora.B @ lora.A).view(chain.original.shape)
+    return _call_plain(layer, x, W)
+
+
+def _call_plain(layer: nn.Module, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    cls = type(layer).__bases__[0]
+    if cls is nn.Linear:
+        return F.linear(x, W, layer.bias)
+    if cls is nn.Embedding:
+        return F.embedding(x, W, layer.padding_idx)
+    return layer._conv_forward(x, W, layer.bias)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_factored_forward_equals_the_merged_weight_in_outputs_and_gradients(kind: str, monkeypatch) -> None:
+    layer, x, lora = _prepared(kind)
+    calls, merges = [], []
+    lora.register_forward_hook(lambda *_: calls.append(1))
+    update = lora_func._weight._update
+    monkeypatch.setattr(lora_func._weight, "_update", lambda *a: merges.append(1) or update(*a))
+    y = layer(x)
+    assert calls == []  # the parametrization never ran
+    if kind in ("linear", "embedding"):
+        # few tokens, wide layer: "auto" takes the factored form, W + s*BA is never built
+        assert merges == []
+    y.square().sum().backward()
+    got = (lora.A.grad.clone(), lora.B.grad.clone())
+    lora.A.grad = lora.B.grad = None
+
+    y_ref = _merged_output(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)  # float64: rounding only
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(got, (lora.A.grad, lora.B.grad), rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_weight_and_other_modules_are_unchanged() -> None:
+    torch.manual_seed(0)
+    a, b = nn.Linear(64, 48), nn.Linear(64, 48)
+    before = type(b).forward
+    lora = lora_func.apply_lora(a, r=4, init="gaussian")
+    assert type(b).forward is before and type(b) is nn.Linear
+    assert sorted(a.state_dict()) == [
+        "bias",
+        "parametrizations.weight.0.A",
+        "parametrizations.weight.0.B",
+        "parametrizations.weight.original",
+    ]
+    W = a.parametrizations.weight.original + lora.scaling * lora.B @ lora.A
+    assert torch.equal(a.weight, W)  # module.weight still evaluates the parametrization
+    lora_func.remove_lora(a, merge=False)
+    assert type(a) is nn.Linear and type(a).forward is before
+
+
+def test_subclass_with_its_own_forward_keeps_it() -> None:
+    class Doubled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * F.linear(x, self.weight, self.bias)
+
+    layer = Doubled(16, 8)
+    lora = lora_func.apply_lora(layer, r=2, init="gaussian")
+    calls = []
+    lora.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 16)
+    y = layer(x)
+    assert calls == [1]  # its own forward, through the parametrization
+    torch.testing.assert_close(y, 2 * F.linear(x, layer.weight, layer.bias))
+
+
+def test_a_second_parametrization_falls_back_to_the_plain_path() -> None:
+    class Twice(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    layer = nn.Linear(16, 8)
+    lora_func.apply_lora(layer, r=2, init="gaussian")
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Twice())
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_deepcopy_of_a_prepared_layer_runs_the_same() -> None:
+    layer, x, _ = _prepared("linear")
+    twin = copy.deepcopy(layer)
+    torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
