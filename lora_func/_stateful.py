@@ -163,6 +163,8 @@ def apply_lora(
     alpha: float = 8.0,
     init: str = "kaimingA_zeroB",
     device: Any = None,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> LoRAParam:
     """Adds a LoRA parametrization to ``module.<param_name>`` and freezes the base weight.
 
@@ -177,7 +179,10 @@ def apply_lora(
         alpha: scaling factor (``scaling = alpha / r``).
         init: see :class:`LoRAParam`; the default starts the adapter as the identity.
         device: device of ``A`` and ``B``; ``None`` (the default) means the weight's own
-            device. ``A`` and ``B`` take the weight's dtype.
+            device.
+        dtype: dtype of ``A`` and ``B``; ``None`` (the default) means the weight's dtype.
+            ``torch.float32`` keeps the adapter of a bfloat16/float16 weight in float32;
+            the effective weight (``module.<param_name>``) stays in the weight's dtype.
 
     Returns:
         The :class:`LoRAParam`, for convenience.
@@ -186,7 +191,8 @@ def apply_lora(
         ValueError: if the parameter does not exist, already has LoRA, has an unsupported
             shape, if ``device`` is not the weight's device, or for invalid ``r``,
             ``alpha``, ``init``.
-        TypeError: for arguments of the wrong type.
+        TypeError: for arguments of the wrong type (``dtype`` not a floating-point
+            ``torch.dtype``).
 
     Example:
         >>> import torch, lora_func
@@ -196,6 +202,10 @@ def apply_lora(
         (False, True)
         >>> sorted(layer.state_dict())
         ['bias', 'parametrizations.weight.0.A', 'parametrizations.weight.0.B', 'parametrizations.weight.original']
+        >>> half = torch.nn.Linear(3, 4, dtype=torch.bfloat16)
+        >>> lora = lora_func.apply_lora(half, r=2, dtype=torch.float32)
+        >>> lora.A.dtype, half.weight.dtype
+        (torch.float32, torch.bfloat16)
     """
     where = f"apply_lora(module, {param_name!r})"
     _check_target(module, param_name, where)
@@ -209,6 +219,8 @@ def apply_lora(
     check_rank(r, where)
     check_alpha(alpha, where)
     check_init(init, where)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{where}: dtype must be None or a floating-point torch.dtype, got {dtype!r}")
     original = _chain(module, param_name).original if P.is_parametrized(module, param_name) else base
     dev = base.device if device is None else _resolve_device(device, where)
     if dev != base.device and not (dev.type == base.device.type and dev.index is None):
@@ -216,7 +228,8 @@ def apply_lora(
             f"{where}: device {dev} differs from the weight's device {base.device}; "
             "move the module first (module.to(device)) or leave device unset"
         )
-    dtype = base.dtype if base.dtype.is_floating_point else None
+    if dtype is None:
+        dtype = base.dtype if base.dtype.is_floating_point else None
     lora = LoRAParam(tuple(base.shape), r=r, alpha=alpha, init=init, device=base.device, dtype=dtype)
     lora.base_requires_grad = bool(original.requires_grad)
     P.register_parametrization(module, param_name, lora)

@@ -97,11 +97,13 @@ def init_adapters(
     alpha: float = 8.0,
     init: str = "kaimingA_zeroB",
     generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, LoRA]:
     """New adapters for every parameter whose name matches ``targets``.
 
-    Each adapter is made by :func:`lora_func.init` on its parameter's device and in its
-    dtype; draws happen in parameter order, from ``generator`` when given.
+    Each adapter is made by :func:`lora_func.init` on its parameter's device and, unless
+    ``dtype`` says otherwise, in its dtype; draws happen in parameter order, from
+    ``generator`` when given.
 
     Args:
         module_or_params: a module (its parameters as in :func:`base_params`) or a
@@ -111,6 +113,10 @@ def init_adapters(
         alpha: ``scaling = alpha / r``.
         init: see :func:`lora_func.init`.
         generator: the random generator to draw from.
+        dtype: the dtype of every ``A`` and ``B``: ``None`` (the default) means each
+            parameter's own dtype; ``torch.float32`` keeps the adapters of a
+            bfloat16/float16 model in float32 (the optimizer then updates float32
+            values). The effective weight stays in the parameter's dtype either way.
 
     Returns:
         A dict from parameter name (``"encoder.0.weight"``) to :class:`LoRA`, in
@@ -120,7 +126,8 @@ def init_adapters(
         ValueError: if a pattern matches nothing, a matched parameter is not 2- to 5-D
             (narrow the pattern, e.g. ``"*.weight"``), or ``r``/``alpha``/``init`` is
             invalid.
-        TypeError: if ``module_or_params`` or ``targets`` has the wrong type.
+        TypeError: if ``module_or_params`` or ``targets`` has the wrong type, or
+            ``dtype`` is not a floating-point ``torch.dtype``.
 
     Example:
         >>> import torch, lora_func
@@ -128,8 +135,14 @@ def init_adapters(
         >>> adapters = lora_func.init_adapters(model, "*.weight", r=2)
         >>> {k: v.shape for k, v in adapters.items()}
         {'0.weight': (4, 3), '2.weight': (2, 4)}
+        >>> half = model.to(torch.bfloat16)
+        >>> kept = lora_func.init_adapters(half, "*.weight", r=2, dtype=torch.float32)
+        >>> kept["0.weight"].A.dtype, lora_func.effective_params(dict(half.named_parameters()), kept)["0.weight"].dtype
+        (torch.float32, torch.bfloat16)
     """
     where = "init_adapters"
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{where}: dtype must be None or a floating-point torch.dtype, got {dtype!r}")
     params = _params_of(module_or_params, where)
     r = check_rank(r, where)
     alpha = check_alpha(alpha, where)
@@ -144,8 +157,8 @@ def init_adapters(
     out = {}
     for n in names:
         p = params[n]
-        dtype = p.dtype if p.dtype.is_floating_point else None
-        out[n] = init_one(p.shape, r, alpha, init, generator=generator, device=p.device, dtype=dtype)
+        dt = dtype if dtype is not None else p.dtype if p.dtype.is_floating_point else None
+        out[n] = init_one(p.shape, r, alpha, init, generator=generator, device=p.device, dtype=dt)
     return out
 
 
