@@ -8,6 +8,7 @@ adapters as it is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -44,8 +45,9 @@ class LoRA:
         shape: the shape of the base weight, ``(out, in, *kernel)``.
 
     Raises:
-        TypeError: if ``A`` or ``B`` is not a tensor.
-        ValueError: if the shapes of ``A``, ``B``, ``scaling`` and ``shape`` disagree.
+        TypeError: if ``A`` or ``B`` is not a floating-point tensor.
+        ValueError: if the shapes of ``A``, ``B``, ``scaling`` and ``shape`` disagree, they
+            are on different devices, or a number ``scaling`` is not finite.
 
     Example:
         >>> import torch, lora_func
@@ -75,8 +77,17 @@ class LoRA:
                 raise TypeError(f"LoRA: {name} must be a torch.Tensor, got {type(value).__name__}")
         if isinstance(scaling, bool) or not isinstance(scaling, (torch.Tensor, int, float)):
             raise TypeError(f"LoRA: scaling must be a tensor or a number, got {type(scaling).__name__}")
+        for name, value in (("A", A), ("B", B)):
+            if not value.dtype.is_floating_point:
+                raise TypeError(f"LoRA: {name} must have a floating-point dtype, got {value.dtype}")
+        if A.device != B.device:
+            raise ValueError(f"LoRA: A is on {A.device} but B is on {B.device}; put both on one device")
         if not isinstance(scaling, torch.Tensor):
+            if not math.isfinite(scaling):
+                raise ValueError(f"LoRA: scaling must be a finite number, got {scaling}")
             scaling = torch.tensor(float(scaling), dtype=_scaling_dtype(A.dtype), device=A.device)
+        elif scaling.device != A.device and not (scaling.dim() == 0 and scaling.device.type == "cpu"):
+            raise ValueError(f"LoRA: scaling is on {scaling.device} but A and B are on {A.device}")
         shape = _as_shape(shape, "LoRA: shape")
         _check_factors(A, B, scaling, shape, "LoRA")
         _set(self, A, B, scaling, shape)
@@ -276,7 +287,7 @@ def stack(trees: Sequence[Any]) -> Any:
 
     Raises:
         ValueError: if ``trees`` is empty, or the trees differ in structure, weight
-            shape or rank.
+            shape, rank or device.
         TypeError: if a leaf is not a tensor.
 
     Example:
@@ -296,6 +307,11 @@ def stack(trees: Sequence[Any]) -> Any:
             if not isinstance(leaf, torch.Tensor):
                 raise TypeError(
                     f"stack(trees): trees[{i}] has a leaf of type {type(leaf).__name__}; leaves must be tensors"
+                )
+            if leaf.device != leaves0[0].device:
+                raise ValueError(
+                    f"stack(trees): trees[{i}] has a leaf on {leaf.device} but trees[0] is on "
+                    f"{leaves0[0].device}; move the adapters to one device first"
                 )
         # Compare adapters at the same path first (a rank mismatch leaves the specs equal).
         for (path, a), (path_b, b) in zip(_loras(trees[0]), _loras(trees[i]), strict=False):
