@@ -113,9 +113,10 @@ def init(
         ``(shape[0], r)`` and a 0-d ``scaling``.
 
     Raises:
-        ValueError: if the shape is not 2- to 5-D, ``r <= 0``, ``alpha`` is not finite
-            or ``init`` is unknown.
-        TypeError: if ``r`` is not an int or ``alpha`` not a number.
+        ValueError: if the shape is not 2- to 5-D, ``r <= 0``, ``alpha`` is not finite,
+            ``init`` is unknown or ``device`` is not a device.
+        TypeError: if ``r`` is not an int, ``alpha`` not a number or ``dtype`` not a
+            floating-point dtype.
 
     Example:
         >>> import torch, lora_func
@@ -130,8 +131,13 @@ def init(
     alpha = check_alpha(alpha, "init")
     init = check_init(init, "init")
     dtype = dtype if dtype is not None else torch.get_default_dtype()
-    if not dtype.is_floating_point:
-        raise TypeError(f"init: dtype must be a floating-point dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"init: dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"init: device {device!r} is not a valid torch device") from None
     # B is created before A, as in the documented LoRAParam (this order draws nothing).
     B = torch.empty(dims[0], r, device=device, dtype=dtype)
     A = torch.empty(r, _prod(dims[1:]), device=device, dtype=dtype)
@@ -182,7 +188,7 @@ def delta(lora: LoRA) -> torch.Tensor:
         the dtype of ``B @ A``.
 
     Raises:
-        TypeError: if ``lora`` is not a :class:`LoRA`.
+        TypeError: if ``lora`` is not a :class:`LoRA` with tensor leaves.
 
     Example:
         >>> import torch, lora_func
@@ -213,9 +219,11 @@ def merge(base: torch.Tensor, lora: LoRA, *, check_finite: bool = False) -> torc
         The effective weight.
 
     Raises:
-        TypeError: if ``base`` is not a tensor or ``lora`` not a :class:`LoRA`.
-        ValueError: if ``base.shape`` is not ``lora.shape``, the weight is not 2- to 5-D, or
-            ``check_finite`` is set and the merged weight is not finite.
+        TypeError: if ``base`` is not a floating-point tensor or ``lora`` not a
+            :class:`LoRA` with tensor leaves.
+        ValueError: if ``base.shape`` is not ``lora.shape``, the weight is not 2- to 5-D,
+            ``base`` and ``lora`` are on different devices, or ``check_finite`` is set and
+            the merged weight is not finite.
 
     Example:
         >>> import torch, lora_func
@@ -233,6 +241,12 @@ def merge(base: torch.Tensor, lora: LoRA, *, check_finite: bool = False) -> torc
         raise ValueError(
             f"merge(base, lora): base has shape {tuple(base.shape)} but lora was made for shape {lora.shape}"
         )
+    if not base.dtype.is_floating_point:
+        raise TypeError(f"merge(base, lora): base must have a floating-point dtype, got {base.dtype}")
+    if base.device != lora.A.device:
+        raise ValueError(
+            f"merge(base, lora): base is on {base.device} but lora is on {lora.A.device}; move one of them"
+        )
     out = _update(base, lora.A, lora.B, lora.scaling)
     if check_finite:
         _check_finite(out, "merge(base, lora)")
@@ -248,3 +262,6 @@ def _check_finite(weight: torch.Tensor, where: str) -> None:
 def _expect_lora(lora: Any, where: str) -> None:
     if not isinstance(lora, LoRA):
         raise TypeError(f"{where}: lora must be a lora_func.LoRA, got {type(lora).__name__}")
+    wrong = {k: type(v).__name__ for k, v in (("A", lora.A), ("B", lora.B)) if not isinstance(v, torch.Tensor)}
+    if wrong or not isinstance(lora.scaling, (torch.Tensor, int, float)):
+        raise TypeError(f"{where}: lora's leaves must be tensors, got {wrong or type(lora.scaling).__name__}")
