@@ -132,7 +132,7 @@ def init(
     init = check_init(init, "init")
     dtype = dtype if dtype is not None else torch.get_default_dtype()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"init: dtype must be a floating-point torch.dtype, got {dtype!r}")
+        raise TypeError(f"init: dtype must be a floating-point dtype (a torch.dtype), got {dtype!r}")
     if device is not None:
         try:
             device = torch.device(device)
