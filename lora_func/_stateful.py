@@ -232,10 +232,27 @@ def apply_lora(
         dtype = base.dtype if base.dtype.is_floating_point else None
     lora = LoRAParam(tuple(base.shape), r=r, alpha=alpha, init=init, device=base.device, dtype=dtype)
     lora.base_requires_grad = bool(original.requires_grad)
+    _own_class(module)
     P.register_parametrization(module, param_name, lora)
     _chain(module, param_name).original.requires_grad_(False)
     _install_fast_forward(module, param_name)
     return lora
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its parametrizations change.
+
+    ``register_parametrization`` makes one class per module, but ``copy.deepcopy`` of the
+    module shares it with the copy; adding or removing a parametrization edits that class,
+    and so would break the other module (removing LoRA from a copy would strip ``weight``
+    from the original). A fresh class with the same bases and contents keeps each module's
+    edits to itself.
+    """
+    if not P.is_parametrized(module):
+        return
+    cls = type(module)
+    contents = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls)(cls.__name__, cls.__bases__, contents)
 
 
 #: Layers whose forward has a factored form: ``x W^T + s (x A^T) B^T`` without building W + sBA.
@@ -325,6 +342,7 @@ def remove_lora(
         with torch.no_grad():
             _check_finite(getattr(module, param_name), where)
     requires_grad = lora.base_requires_grad
+    _own_class(module)
     P.remove_parametrizations(module, param_name, leave_parametrized=merge)
     if requires_grad is not None:
         getattr(module, param_name).requires_grad_(requires_grad)

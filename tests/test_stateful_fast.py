@@ -128,3 +128,39 @@ def test_deepcopy_of_a_prepared_layer_runs_the_same() -> None:
     layer, x, _ = _prepared("linear")
     twin = copy.deepcopy(layer)
     torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+
+
+def test_removing_lora_from_a_deep_copy_leaves_the_original_working() -> None:
+    # copy.deepcopy of a parametrized module shares its class with the copy; changing the
+    # copy's parametrizations must not reach the original.
+    layer, x, _ = _prepared("linear")
+    y = layer(x)
+    twin, other = copy.deepcopy(layer), copy.deepcopy(layer)
+    lora_func.remove_lora(twin, merge=True)
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+    torch.testing.assert_close(twin(x), y)
+    assert lora_func.get_adapters(layer).keys() == {"weight"}
+    lora_func.remove_lora(layer, merge=False)  # and the other way round
+    torch.testing.assert_close(other(x), y, rtol=0, atol=0)
+
+
+class TwoWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.u = nn.Parameter(torch.randn(4, 3))
+        self.v = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.u) + F.linear(x, self.v)
+
+
+def test_adding_lora_to_a_deep_copy_leaves_the_original_alone() -> None:
+    torch.manual_seed(0)
+    module = TwoWeights()
+    lora_func.apply_lora(module, "u", r=2, init="gaussian")
+    twin = copy.deepcopy(module)
+    lora_func.apply_lora(twin, "v", r=2, init="gaussian")
+    x = torch.randn(2, 3)
+    assert not torch.nn.utils.parametrize.is_parametrized(module, "v")
+    torch.testing.assert_close(module(x), F.linear(x, module.u) + F.linear(x, module.v), rtol=0, atol=0)
+    assert lora_func.get_adapters(module).keys() == {"u"} and lora_func.get_adapters(twin).keys() == {"u", "v"}
