@@ -21,6 +21,7 @@ from ._math import INITS as INITS
 from ._math import delta as delta
 from ._math import init as init
 from ._math import merge as merge
+from ._merge_error import merge_error as merge_error
 from ._peft import export_peft as export_peft
 from ._peft import from_state_dict as from_state_dict
 from ._peft import import_peft as import_peft
@@ -68,6 +69,7 @@ __all__ = [
     "lora_params",
     "mean",
     "merge",
+    "merge_error",
     "module_params",
     "remove_lora",
     "save",
