@@ -46,8 +46,9 @@ disabled (such an op records no gradient for ``A`` and ``B``).
   Dynamo limit for any model, not this class); ``LoRAWeight(base, lora)`` with a
   :class:`~lora_func.LoRA` argument inside compiled code (Dynamo cannot put the node in the
   graph: use :func:`lora_func.lora_params` or ``LoRAWeight(base, A=..., B=...,
-  scaling=...)``); a :class:`LoRAWeight` passed *into* a compiled function as an argument
-  under aot_eager/inductor (making the fake copy reads its storage; build it inside).
+  scaling=...)``); a :class:`LoRAWeight` whose factors require gradients passed *into* a
+  compiled function as an argument (an error when Dynamo makes its fake copy: build it
+  inside). Passed in for inference (nothing in it requires grad), it compiles.
 """
 
 from __future__ import annotations
@@ -89,10 +90,12 @@ class LoRAWeight(torch.Tensor):
         scaling: the 0-d scaling tensor, with ``A``.
 
     Raises:
-        TypeError: if ``base`` is not a tensor, ``lora`` is not a :class:`~lora_func.LoRA`,
-            or neither (or both of) ``lora`` and ``A``/``B``/``scaling`` are given.
-        ValueError: if ``mode`` is unknown, the shapes do not fit, or ``lora`` has batch
-            dimensions (stacked adapters go through ``vmap``).
+        TypeError: if ``base`` is not a floating-point tensor, ``lora`` is not a
+            :class:`~lora_func.LoRA` with tensor leaves, or neither (or both of) ``lora``
+            and ``A``/``B``/``scaling`` are given.
+        ValueError: if ``mode`` is unknown, the shapes do not fit, ``base`` and the
+            adapter are on different devices, or ``lora`` has batch dimensions (stacked
+            adapters go through ``vmap``).
 
     Example:
         >>> import torch, torch.nn.functional as F, lora_func
@@ -137,6 +140,8 @@ class LoRAWeight(torch.Tensor):
         elif A is None or B is None or scaling is None:
             raise TypeError(f"{where}: lora is missing; give a lora_func.LoRA (or all of A, B and scaling)")
         check_mode(mode, where)
+        if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+            raise TypeError(f"{where}: A and B must be tensors, got {type(A).__name__} and {type(B).__name__}")
         if A.dim() != 2:
             raise ValueError(
                 f"{where}: lora has batch dimensions {tuple(A.shape[:-2])}; build one LoRAWeight per "
@@ -185,7 +190,7 @@ class LoRAWeight(torch.Tensor):
                 out = handler(*args, **kwargs)
                 if out is not NotImplemented:
                     return out
-            elif func == _REQUIRES_GRAD:
+            elif func == _REQUIRES_GRAD:  # whether gradients flow through it (to A, B or base)
                 w = args[0]
                 return w.base.requires_grad or w.A.requires_grad or w.B.requires_grad
             elif func in _METADATA or (func.__name__ == "__get__" and func not in _VALUE_GETTERS):
@@ -204,7 +209,12 @@ class LoRAWeight(torch.Tensor):
 
 def _make(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, mode: str) -> LoRAWeight:
     self = torch.Tensor._make_wrapper_subclass(
-        LoRAWeight, base.shape, strides=base.stride(), dtype=base.dtype, device=base.device, requires_grad=False
+        LoRAWeight,
+        base.shape,
+        strides=base.stride(),
+        dtype=base.dtype,
+        device=base.device,
+        requires_grad=False,
     )
     self.base = base
     self.A = A
@@ -220,6 +230,10 @@ def check_fit(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: tor
         raise ValueError(f"{where}: scaling must be a 0-d tensor, got {scaling!r}")
     if base.dim() not in WEIGHT_DIMS:
         raise ValueError(f"{where}: base has shape {tuple(base.shape)}; LoRA needs a 2- to 5-D weight")
+    if not base.dtype.is_floating_point:
+        raise TypeError(f"{where}: base must have a floating-point dtype, got {base.dtype}")
+    if base.device != A.device:
+        raise ValueError(f"{where}: base is on {base.device} but the adapter is on {A.device}; move one of them")
     out, in_flat = base.shape[0], _prod(base.shape[1:])
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
         raise ValueError(f"{where}: A {tuple(A.shape)} and B {tuple(B.shape)} are not (r, in) and (out, r) factors")
@@ -369,9 +383,16 @@ _METADATA: frozenset[Any] = frozenset(
         "get_device",
         "_is_view",
         "__len__",
+        "untyped_storage",
+        "data_ptr",
+        "is_shared",
+        "is_pinned",
+        "is_conj",
+        "is_neg",
+        "is_inference",
     )
 )
+_REQUIRES_GRAD = torch.Tensor.requires_grad.__get__  # type: ignore[attr-defined]
 _VALUE_GETTERS: frozenset[Any] = frozenset(
     getattr(torch.Tensor, name).__get__ for name in ("T", "mT", "H", "mH", "real", "imag", "data")
 )
-_REQUIRES_GRAD = torch.Tensor.requires_grad.__get__  # type: ignore[attr-defined]

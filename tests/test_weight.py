@@ -334,6 +334,10 @@ def test_compiled_training_step_fullgraph() -> None:
         return {n: with_factors(a, a.A - 0.1 * g[n].A, a.B - 0.1 * g[n].B) for n, a in ad.items()}
 
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(adapters)
+    # For inference a LoRAWeight can also be an argument of the compiled function.
+    w = lf.LoRAWeight(params["0.weight"], adapters["0.weight"])
+    y = torch.compile(lambda x, w: F.linear(x, w), fullgraph=True, backend="aot_eager")(x, w)
+    close(y, x.double() @ merged64(params["0.weight"], adapters["0.weight"]).T, torch.float32)
     want = step(adapters)
     for n in adapters:
         torch.testing.assert_close(got[n].A, want[n].A, rtol=1e-5, atol=1e-6)
