@@ -170,6 +170,9 @@ def _check_keys(params: Mapping[str, Any], adapters: Mapping[str, Any], where: s
     wrong = {k: type(v).__name__ for k, v in adapters.items() if not isinstance(v, LoRA)}
     if wrong:
         raise TypeError(f"{where}: adapters must map names to lora_func.LoRA; got {wrong}")
+    leafless = [k for k, v in adapters.items() if not all(isinstance(t, torch.Tensor) for t in (v.A, v.B, v.scaling))]
+    if leafless:
+        raise TypeError(f"{where}: adapters {leafless} have leaves that are not tensors")
     missing = [k for k in adapters if k not in params]
     if missing:
         raise ValueError(f"{where}: adapters {missing} name no parameter in params; parameters are {list(params)}")
@@ -191,8 +194,10 @@ def effective_params(params: Mapping[str, torch.Tensor], adapters: Mapping[str, 
         :func:`lora_func.merge` of the parameter and its adapter.
 
     Raises:
-        ValueError: if an adapter names no parameter, or its shape does not fit.
-        TypeError: if the arguments are not mappings, or an adapter is not a :class:`LoRA`.
+        ValueError: if an adapter names no parameter, its shape does not fit, or it is on
+            another device than its parameter.
+        TypeError: if the arguments are not mappings, an adapter is not a :class:`LoRA`
+            with tensor leaves, or an adapted parameter is not floating-point.
 
     Example:
         >>> import torch, lora_func
@@ -209,8 +214,8 @@ def effective_params(params: Mapping[str, torch.Tensor], adapters: Mapping[str, 
     for name, lora in adapters.items():
         try:
             out[name] = merge(params[name], lora)
-        except ValueError as err:
-            raise ValueError(f"{where}: adapter {name!r}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: adapter {name!r}: {err}") from None
     return out
 
 
@@ -247,8 +252,10 @@ def lora_params(
 
     Raises:
         ValueError: if ``mode`` is unknown, an adapter names no parameter, its shape does
-            not fit, or it is stacked (use ``torch.func.vmap``).
-        TypeError: if the arguments are not mappings, or an adapter is not a :class:`LoRA`.
+            not fit, it is on another device than its parameter, or it is stacked (use
+            ``torch.func.vmap``).
+        TypeError: if the arguments are not mappings, an adapter is not a :class:`LoRA`
+            with tensor leaves, or an adapted parameter is not floating-point.
 
     Example:
         >>> import torch, lora_func
@@ -268,11 +275,16 @@ def lora_params(
     compiling = torch.compiler.is_compiling()
     for name, lora in adapters.items():
         base = params[name]
-        if tuple(base.shape) != lora.shape or lora.A.dim() != 2:
+        if (
+            tuple(base.shape) != lora.shape
+            or lora.A.dim() != 2
+            or base.device != lora.A.device
+            or not base.dtype.is_floating_point
+        ):
             try:
                 LoRAWeight(base, lora, mode)
-            except ValueError as err:
-                raise ValueError(f"{where}: adapter {name!r}: {err}") from None
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{where}: adapter {name!r}: {err}") from None
         if compiling:  # torch.compile puts the class call, with tensor arguments, in the graph
             out[name] = LoRAWeight(base, mode=mode, A=lora.A, B=lora.B, scaling=lora.scaling)
         else:
