@@ -178,6 +178,10 @@ class LoRAWeight(torch.Tensor):
     def __tensor_unflatten__(inner: dict[str, torch.Tensor], mode: str, outer_size: Any, outer_stride: Any) -> Any:
         return _make(inner["base"], inner["A"], inner["B"], inner["scaling"], mode)
 
+    def _stable_hash_for_caching(self) -> str:
+        # What AOT autograd's cache keys a subclass input on: its flatten metadata.
+        return f"lora_func.LoRAWeight:{self.route}"
+
     @classmethod
     def __torch_function__(
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
