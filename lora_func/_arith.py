@@ -21,6 +21,7 @@ What each promises is stated in terms of :func:`~lora_func.delta`:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,8 @@ def _flatten(tree: Any, where: str, arg: str) -> tuple[list[tuple[str, LoRA]], A
             raise TypeError(
                 f"{where}: {arg} must be a lora_func.LoRA or a pytree of them, got a {type(node).__name__}{at}"
             )
+        if not all(isinstance(t, torch.Tensor) for t in (node.A, node.B, node.scaling)):
+            raise TypeError(f"{where}: {arg} has an adapter{_at(name)} whose leaves are not all tensors")
         out.append((name, node))
     return out, spec
 
@@ -69,6 +72,15 @@ def _map(fn: Callable[..., LoRA], where: str, names: Sequence[str], *trees: Any)
 
 def _at(path: str) -> str:
     return f" (adapter {path})" if path else ""
+
+
+def _moved(t: torch.Tensor, device: torch.device, where: str, arg: str) -> torch.Tensor:
+    """``t`` on ``device``, or a ``ValueError`` naming ``arg`` if it cannot go there (e.g. from "meta")."""
+    try:
+        return t.to(device)
+    except (RuntimeError, NotImplementedError) as err:
+        msg = f"{where}: {arg} on {t.device} cannot be moved to the adapters' device {device} ({err})"
+        raise ValueError(msg) from None
 
 
 def _lift(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -106,7 +118,8 @@ def scale(lora: Any, c: torch.Tensor | float) -> Any:
     Raises:
         TypeError: if ``lora`` holds something other than adapters, or ``c`` is not a
             real number or tensor.
-        ValueError: if ``c`` does not broadcast to an adapter's ``scaling`` shape.
+        ValueError: if ``c`` does not broadcast to an adapter's ``scaling`` shape, is a
+            non-finite number, or cannot be moved to the adapters' device.
 
     Example:
         >>> import torch, lora_func
@@ -123,6 +136,8 @@ def scale(lora: Any, c: torch.Tensor | float) -> Any:
             raise TypeError(f"{where}: c must be a real number or a real tensor, got a {c.dtype} tensor")
     elif isinstance(c, bool) or not isinstance(c, (int, float)):
         raise TypeError(f"{where}: c must be a real number or a real tensor, got {type(c).__name__}")
+    elif not math.isfinite(c):
+        raise ValueError(f"{where}: c must be a finite number, got {c}")
 
     def one(path: str, node: LoRA) -> LoRA:
         factor = c
@@ -137,7 +152,7 @@ def scale(lora: Any, c: torch.Tensor | float) -> Any:
                     f"{tuple(node.scaling.shape)}{_at(path)}; pass a number, a 0-d tensor or one value per "
                     "stacked adapter"
                 )
-            factor = factor.to(node.scaling.device)
+            factor = _moved(factor, node.scaling.device, where, "c")
         return _new(node.A, node.B, node.scaling * factor, node.shape)
 
     return _map(one, where, ["lora"], lora)
@@ -168,7 +183,8 @@ def add(a: Any, b: Any) -> Any:
     Raises:
         TypeError: if ``a`` or ``b`` holds something other than adapters.
         ValueError: if the trees differ in structure, two adapters were made for different
-            weight shapes, or their leading (stack) dimensions do not broadcast.
+            weight shapes or live on different devices, or their leading (stack)
+            dimensions do not broadcast.
 
     Example:
         >>> import torch, lora_func
@@ -184,6 +200,8 @@ def add(a: Any, b: Any) -> Any:
     where = "add(a, b)"
 
     def one(path: str, x: LoRA, y: LoRA) -> LoRA:
+        if x.A.device != y.A.device:
+            raise ValueError(f"{where}: a is on {x.A.device} but b on {y.A.device}{_at(path)}; move one of them")
         if x.shape != y.shape:
             raise ValueError(
                 f"{where}: a was made for a weight of shape {x.shape} but b for shape {y.shape}{_at(path)}; "
@@ -386,7 +404,7 @@ def _weighted_sum(stacked: Any, weights: Any, rank: int | None, where: str) -> A
                 f"{where}: weights must hold one value per stacked adapter, shape ({k},), "
                 f"got shape {tuple(w.shape)}{_at(path)}"
             )
-        return _combine(node, w.to(node.scaling.device), rank)
+        return _combine(node, _moved(w, node.scaling.device, where, "weights"), rank)
 
     return _map(one, where, ["stacked"], stacked)
 
