@@ -37,19 +37,25 @@ _LEAVES = ("A", "B", "scaling")
 def _as_named(adapters: Any, where: str) -> tuple[str, dict[str, LoRA]]:
     """``("single", {"": lora})`` or ``("dict", adapters)``, checking types."""
     if isinstance(adapters, LoRA):
-        return "single", {"": adapters}
-    if not isinstance(adapters, Mapping):
+        adapters = {"": adapters}
+        kind = "single"
+    elif isinstance(adapters, Mapping):
+        kind = "dict"
+    else:
         raise TypeError(
             f"{where}: adapters must be a lora_func.LoRA or a mapping of names to LoRA, got {type(adapters).__name__}"
         )
     for name, lora in adapters.items():
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not (name or kind == "single"):
             raise TypeError(f"{where}: adapter names must be non-empty strings, got {name!r}")
         if not isinstance(lora, LoRA):
             raise TypeError(f"{where}: adapters[{name!r}] must be a lora_func.LoRA, got {type(lora).__name__}")
+        label = "adapters" if kind == "single" else f"adapters[{name!r}]"
         if not all(isinstance(t, torch.Tensor) for t in (lora.A, lora.B, lora.scaling)):
-            raise TypeError(f"{where}: adapters[{name!r}] has leaves that are not tensors")
-    return "dict", dict(adapters)
+            raise TypeError(f"{where}: {label} has leaves that are not tensors")
+        if any(t.is_meta for t in (lora.A, lora.B, lora.scaling)):
+            raise ValueError(f"{where}: {label} is on the meta device and holds no values to save")
+    return kind, dict(adapters)
 
 
 def _key(name: str, leaf: str) -> str:
@@ -74,8 +80,10 @@ def save(
             values), stored in the header and read back by :func:`load_metadata`.
 
     Raises:
-        TypeError: if ``adapters`` is not a LoRA or a mapping of names to LoRA, or
-            ``metadata`` is not a dict of strings to JSON-serialisable values.
+        TypeError: if ``adapters`` is not a LoRA or a mapping of names to LoRA (with
+            tensor leaves), or ``metadata`` is not a dict of strings to JSON-serialisable
+            values.
+        ValueError: if an adapter is on the meta device (it holds no values).
         OSError: if the file cannot be written (the old file, if any, is kept).
 
     Example:
@@ -186,7 +194,8 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str | None = No
     Raises:
         FileNotFoundError: if there is no file at ``path``.
         ValueError: if the file is truncated, corrupt, not a lora_func adapter file, or
-            its tensors disagree with its header; the message names the file.
+            its tensors disagree with its header (the message names the file), or
+            ``device`` is not a device.
 
     Example:
         >>> import os, tempfile, torch, lora_func
@@ -197,6 +206,11 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str | None = No
         tensor([0.5000, 1.0000])
     """
     where = "load(path)"
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{where}: device {device!r} is not a valid torch device") from None
     name = os.fspath(path)
     header, tensors = _read(path, where)
     entries = header.get("adapters")
@@ -296,6 +310,8 @@ def _check(
     for name, lora in adapters.items():
         if not isinstance(lora, LoRA):
             raise TypeError(f"{where}: adapters[{name!r}] must be a lora_func.LoRA, got {type(lora).__name__}")
+        if not all(isinstance(t, torch.Tensor) for t in (lora.A, lora.B, lora.scaling)):
+            raise TypeError(f"{where}: adapters[{name!r}] has leaves that are not tensors")
     params = _params_of(module_or_params, where)
     required: list[str] = []
     if missing:
