@@ -98,6 +98,8 @@ class LoRAParam(nn.Module):
         self.alpha = check_alpha(alpha, where)
         self.scaling = self.alpha / self.r
         check_init(init, where)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{where}: dtype must be None or a floating-point torch.dtype, got {dtype!r}")
         dev = _resolve_device(device, where)
         self.weight_shape = shape
         # The base weight's requires_grad before apply_lora froze it, for remove_lora to
@@ -111,7 +113,21 @@ class LoRAParam(nn.Module):
         fill_factors(self.A, self.B, init, None)
 
     def forward(self, W_base: torch.Tensor) -> torch.Tensor:
-        """The effective weight ``W_base + scaling * (B @ A).view(W_base.shape)``, in ``W_base``'s dtype."""
+        """The effective weight ``W_base + scaling * (B @ A).view(W_base.shape)``, in ``W_base``'s dtype.
+
+        Raises:
+            ValueError: if ``W_base`` does not have the shape this parametrization was made
+                for, or is on another device than ``A`` and ``B``.
+            TypeError: if ``W_base`` is not a floating-point tensor.
+        """
+        if not isinstance(W_base, torch.Tensor) or not W_base.dtype.is_floating_point:
+            got = W_base.dtype if isinstance(W_base, torch.Tensor) else type(W_base).__name__
+            raise TypeError(f"LoRAParam.forward(W_base): W_base must be a floating-point tensor, got {got}")
+        if tuple(W_base.shape) != self.weight_shape or W_base.device != self.A.device:
+            raise ValueError(
+                f"LoRAParam.forward(W_base): W_base has shape {tuple(W_base.shape)} on {W_base.device}, but this "
+                f"LoRAParam was made for weight_shape {self.weight_shape} on {self.A.device}"
+            )
         return _update(W_base, self.A, self.B, self.scaling)
 
     def lora(self) -> LoRA:
@@ -221,6 +237,8 @@ def apply_lora(
     check_init(init, where)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{where}: dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+    if not base.dtype.is_floating_point:
+        raise TypeError(f"{where}: {param_name} has dtype {base.dtype}; LoRA adapts floating-point weights only")
     original = _chain(module, param_name).original if P.is_parametrized(module, param_name) else base
     dev = base.device if device is None else _resolve_device(device, where)
     if dev != base.device and not (dev.type == base.device.type and dev.index is None):
@@ -434,6 +452,8 @@ def set_adapters(module: nn.Module, adapters: Mapping[str, LoRA]) -> None:
                 f"{where}: adapters[{name!r}] is a stack of {lora.batch_shape} adapters; "
                 "pick one with lora_func.unstack(adapters)[i]"
             )
+        if any(t.is_meta for t in (lora.A, lora.B, lora.scaling)):
+            raise ValueError(f"{where}: adapters[{name!r}] is on the meta device and holds no values to copy")
         if not bool(torch.isfinite(lora.scaling).all()):
             raise ValueError(f"{where}: adapters[{name!r}] has non-finite scaling {lora.scaling.item()}")
         modpath, _, pname = name.rpartition(".")
