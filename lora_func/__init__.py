@@ -36,6 +36,11 @@ from ._targets import base_params as base_params
 from ._targets import effective_params as effective_params
 from ._targets import init_adapters as init_adapters
 from ._targets import lora_params as lora_params
+from ._train import adapter_norms as adapter_norms
+from ._train import assign_grads as assign_grads
+from ._train import clip_per_adapter as clip_per_adapter
+from ._train import init_stack as init_stack
+from ._train import pick as pick
 from ._tree import LoRA as LoRA
 from ._tree import is_lora as is_lora
 from ._tree import stack as stack
@@ -50,11 +55,14 @@ __all__ = [
     "LoRA",
     "LoRAParam",
     "LoRAWeight",
+    "adapter_norms",
     "add",
     "all_reduce_grads",
     "apply_lora",
+    "assign_grads",
     "base_params",
     "check",
+    "clip_per_adapter",
     "delta",
     "effective_params",
     "export_peft",
@@ -63,6 +71,7 @@ __all__ = [
     "import_peft",
     "init",
     "init_adapters",
+    "init_stack",
     "is_lora",
     "load",
     "load_metadata",
@@ -71,6 +80,7 @@ __all__ = [
     "merge",
     "merge_error",
     "module_params",
+    "pick",
     "remove_lora",
     "save",
     "scale",

@@ -270,7 +270,7 @@ def _own_class(module: nn.Module) -> None:
         return
     cls = type(module)
     contents = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls)(cls.__name__, cls.__bases__, contents)
+    module.__class__ = type(cls.__name__, cls.__bases__, contents)
 
 
 #: Layers whose forward has a factored form: ``x W^T + s (x A^T) B^T`` without building W + sBA.
