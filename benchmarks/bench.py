@@ -74,7 +74,7 @@ def frozen(model: nn.Module) -> nn.Module:
 def nonzero(adapters: dict) -> dict:
     """B is zero at init; give it values so no route can skip work."""
     g = torch.Generator().manual_seed(1)
-    return {k: a.replace(B=torch.randn(a.B.shape, generator=g) * 0.01) for k, a in adapters.items()}
+    return {k: a.replace(B=(torch.randn(a.B.shape, generator=g) * 0.01).to(a.B)) for k, a in adapters.items()}
 
 
 class Rebuild(nn.Module):
