@@ -415,8 +415,9 @@ def set_adapters(module: nn.Module, adapters: Mapping[str, LoRA]) -> None:
     The inverse of :func:`get_adapters`: after ``set_adapters(m, a)``,
     ``get_adapters(m)`` equals ``a`` (values are copied, so later changes to ``a`` do not
     reach the module). A weight that already has LoRA keeps its :class:`LoRAParam`
-    (``A``, ``B``, ``scaling`` and ``alpha`` are updated); one without gets
-    ``apply_lora`` first. Everything is checked before anything changes.
+    (``A``, ``B``, ``scaling`` and ``alpha`` are updated, cast to its dtype); one without
+    gets ``apply_lora`` first, with factors in the adapter's dtype. Everything is checked
+    before anything changes.
 
     Args:
         module: the model.
@@ -480,7 +481,9 @@ def set_adapters(module: nn.Module, adapters: Mapping[str, LoRA]) -> None:
     for sub, pname, existing, lora in plan:
         if existing is None:
             # "zeros" draws no random numbers: setting adapters leaves the global RNG alone.
-            existing = apply_lora(sub, pname, r=lora.r, alpha=float(lora.alpha), init="zeros")
+            # The new factors keep the adapter's dtype (float32 adapters over a bf16 model stay float32).
+            dtype = lora.A.dtype if lora.A.is_floating_point() else None
+            existing = apply_lora(sub, pname, r=lora.r, alpha=float(lora.alpha), init="zeros", dtype=dtype)
         with torch.no_grad():
             existing.A.copy_(lora.A)
             existing.B.copy_(lora.B)

@@ -164,3 +164,12 @@ def test_adding_lora_to_a_deep_copy_leaves_the_original_alone() -> None:
     assert not torch.nn.utils.parametrize.is_parametrized(module, "v")
     torch.testing.assert_close(module(x), F.linear(x, module.u) + F.linear(x, module.v), rtol=0, atol=0)
     assert lora_func.get_adapters(module).keys() == {"u"} and lora_func.get_adapters(twin).keys() == {"u", "v"}
+
+
+def test_set_adapters_keeps_a_float32_adapter_float32_over_a_bf16_model() -> None:
+    model = nn.Sequential(nn.Linear(8, 4)).to(torch.bfloat16)
+    adapters = lora_func.init_adapters(model, "0.weight", r=2, init="gaussian", dtype=torch.float32)
+    lora_func.set_adapters(model, adapters)
+    lora = model[0].parametrizations.weight[0]
+    assert lora.A.dtype == torch.float32 and torch.equal(lora.A, adapters["0.weight"].A)
+    assert model[0].weight.dtype == torch.bfloat16  # the effective weight stays in the model's dtype
