@@ -22,7 +22,8 @@ Routes:
   stateful       lora_func.apply_lora
   materialized   torch.func.grad over functional_call(lora_func.effective_params)
   lora_params    torch.func.grad over functional_call(lora_func.lora_params)
-  loop / vmap-*  K adapters: a Python loop of materialized steps, or one vmap(grad)
+  loop / vmap-*  K adapters: a Python loop of materialized steps, or one vmap(grad);
+                 "+adam" adds per-adapter clipping and an Adam step over the stack
 
 Usage:
   python benchmarks/bench.py                 # every section, plus memory of vmap-64
@@ -166,6 +167,18 @@ def many_adapter_routes(dim: int, tokens: int, k: int) -> dict:
     routes["loop"] = loop
     routes["vmap-materialized"] = lambda: vmap(g_mat)(stacked, xs, ys)
     routes["vmap-lora_params"] = lambda: vmap(g_fast)(stacked, xs, ys)
+
+    # The whole training step of issue #4's target: gradients, per-adapter clipping, Adam.
+    trained = lora_func.stack([one] * k)
+    opt = torch.optim.Adam(lora_func.trainable(trained), lr=1e-3)
+    step = vmap(g_fast)
+
+    def train_step() -> None:
+        grads, _ = lora_func.clip_per_adapter(step(trained, xs, ys), 1.0)
+        lora_func.assign_grads(trained, grads)
+        opt.step()
+
+    routes["vmap-lora_params+adam"] = train_step
     return routes
 
 
@@ -213,27 +226,37 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_of(section: str, route: str) -> float:
-    """Working memory (MiB) of one route in a fresh process: peak RSS minus RSS after setup."""
+def memory_of(section: str, route: str) -> tuple[float, float]:
+    """Working memory (MiB) of one route in a fresh process: (first step, later steps).
+
+    Each is the peak RSS while the step runs minus the RSS just before it. The first step
+    also pays for one-time allocations (allocator pools, autograd and functorch caches),
+    which even the floor route shows; the later figure is the peak over two more steps.
+    """
     code = (
         f"import sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); import bench; "
-        f"print(bench._measure({section!r}, {route!r}))"
+        f"print(*bench._measure({section!r}, {route!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    first, steady = out.stdout.strip().splitlines()[-1].split()
+    return float(first), float(steady)
 
 
-def _measure(section: str, route: str) -> float:
-    routes = sections()[section]()
-    fn = routes[route]
-    routes.clear()  # free the other routes' models
+def _peak_of(fn: Route, calls: int) -> float:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to now
         f.write("5")
     before = _status_kib("VmRSS")
-    for _ in range(3):
+    for _ in range(calls):
         fn()
     return (_status_kib("VmHWM") - before) / 1024
+
+
+def _measure(section: str, route: str) -> tuple[float, float]:
+    routes = sections()[section]()
+    fn = routes[route]
+    routes.clear()  # free the other routes' models
+    return _peak_of(fn, 1), _peak_of(fn, 2)
 
 
 def main() -> None:
@@ -242,7 +265,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-route memory measurement")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     chosen = args.sections or list(sections())
     unknown = set(chosen) - set(sections())
     if unknown:
@@ -261,13 +287,15 @@ def main() -> None:
             print(f"  {route:18s} {med * 1e3:10.2f} {med / floor:8.2f} {vs_peft}")
         results[name] = {"median_s": medians}
     if not args.no_memory and "vmap-64" in chosen:
-        print("\nvmap-64 working memory (fresh process per route; peak RSS minus RSS after setup)")
-        floor_mem = None
-        for route in ("floor-64", "vmap-materialized", "vmap-lora_params"):
-            mib = memory_of("vmap-64", route)
-            floor_mem = floor_mem or mib
-            print(f"  {route:18s} {mib:8.1f} MiB  x{mib / floor_mem:6.2f} of floor")
-            results["vmap-64"].setdefault("memory_mib", {})[route] = mib
+        print("\nvmap-64 working memory, MiB (fresh process per route; peak RSS minus RSS before the step)")
+        print(f"  {'route':22s} {'first step':>10s} {'x floor':>8s} {'later':>8s} {'x floor':>8s}")
+        floor_mem: tuple[float, float] | None = None
+        for route in ("floor-64", "vmap-materialized", "vmap-lora_params", "vmap-lora_params+adam"):
+            first, later = memory_of("vmap-64", route)
+            floor_mem = floor_mem or (first, later)
+            ratio_first, ratio_later = first / floor_mem[0], later / max(floor_mem[1], 1e-9)
+            print(f"  {route:22s} {first:10.1f} {ratio_first:8.2f} {later:8.1f} {ratio_later:8.2f}")
+            results["vmap-64"].setdefault("memory_mib", {})[route] = {"first": first, "later": later}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
