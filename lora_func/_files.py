@@ -208,9 +208,10 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str | None = No
     where = "load(path)"
     if device is not None:
         try:
+            torch.empty(0, device=device)  # an accelerator that is not there fails here, not later
             device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"{where}: device {device!r} is not a valid torch device") from None
+        except (AssertionError, RuntimeError, TypeError):
+            raise ValueError(f"{where}: device {device!r} is not a valid, available torch device") from None
     name = os.fspath(path)
     header, tensors = _read(path, where)
     entries = header.get("adapters")

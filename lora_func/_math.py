@@ -135,9 +135,10 @@ def init(
         raise TypeError(f"init: dtype must be a floating-point dtype (a torch.dtype), got {dtype!r}")
     if device is not None:
         try:
+            torch.empty(0, device=device)  # an accelerator that is not there fails here, not later
             device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"init: device {device!r} is not a valid torch device") from None
+        except (AssertionError, RuntimeError, TypeError):
+            raise ValueError(f"init: device {device!r} is not a valid, available torch device") from None
     # B is created before A, as in the documented LoRAParam (this order draws nothing).
     B = torch.empty(dims[0], r, device=device, dtype=dtype)
     A = torch.empty(r, _prod(dims[1:]), device=device, dtype=dtype)
