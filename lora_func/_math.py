@@ -237,6 +237,8 @@ def merge(base: torch.Tensor, lora: LoRA, *, check_finite: bool = False) -> torc
     if not isinstance(base, torch.Tensor):
         raise TypeError(f"merge(base, lora): base must be a torch.Tensor, got {type(base).__name__}")
     _expect_lora(lora, "merge(base, lora)")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"merge(base, lora): check_finite must be a bool, got {type(check_finite).__name__}")
     check_weight_shape(base.shape, "merge(base, lora)")
     if tuple(base.shape) != lora.shape:
         raise ValueError(

@@ -346,6 +346,8 @@ def remove_lora(
     _check_target(module, param_name, where)
     if not isinstance(merge, bool):
         raise TypeError(f"{where}: merge must be a bool, got {type(merge).__name__}")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"{where}: check_finite must be a bool, got {type(check_finite).__name__}")
     lora = _lora_of(module, param_name)
     if lora is None:
         raise ValueError(f"{where}: {param_name} has no LoRA parametrization; nothing to remove")
