@@ -306,6 +306,8 @@ def _check(
     dtypes: bool = True,
 ) -> None:
     """:func:`check` with the caller's name in the error; ``missing=False`` skips missing targets."""
+    if not isinstance(dtypes, bool):
+        raise TypeError(f"{where}: dtypes must be a bool, got {type(dtypes).__name__}")
     if not isinstance(adapters, Mapping):
         raise TypeError(f"{where}: adapters must be a mapping of names to LoRA, got {type(adapters).__name__}")
     for name, lora in adapters.items():
@@ -314,6 +316,9 @@ def _check(
         if not all(isinstance(t, torch.Tensor) for t in (lora.A, lora.B, lora.scaling)):
             raise TypeError(f"{where}: adapters[{name!r}] has leaves that are not tensors")
     params = _params_of(module_or_params, where)
+    untyped = {n: type(params[n]).__name__ for n in adapters if n in params and not isinstance(params[n], torch.Tensor)}
+    if untyped:
+        raise TypeError(f"{where}: module_or_params must map names to tensors; got {untyped}")
     required: list[str] = []
     if missing:
         if targets is None:
