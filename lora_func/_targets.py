@@ -148,6 +148,9 @@ def init_adapters(
     alpha = check_alpha(alpha, where)
     init = check_init(init, where)
     names = match_targets(params.keys(), targets, where)
+    untyped = {n: type(params[n]).__name__ for n in names if not isinstance(params[n], torch.Tensor)}
+    if untyped:
+        raise TypeError(f"{where}: module_or_params must map names to tensors; targets match {untyped}")
     bad = [f"{n} {tuple(params[n].shape)}" for n in names if params[n].dim() not in WEIGHT_DIMS]
     if bad:
         raise ValueError(
@@ -176,6 +179,9 @@ def _check_keys(params: Mapping[str, Any], adapters: Mapping[str, Any], where: s
     missing = [k for k in adapters if k not in params]
     if missing:
         raise ValueError(f"{where}: adapters {missing} name no parameter in params; parameters are {list(params)}")
+    untyped = {k: type(params[k]).__name__ for k in adapters if not isinstance(params[k], torch.Tensor)}
+    if untyped:
+        raise TypeError(f"{where}: params must hold tensors where adapters apply; got {untyped}")
 
 
 def effective_params(params: Mapping[str, torch.Tensor], adapters: Mapping[str, LoRA]) -> dict[str, torch.Tensor]:
