@@ -1,0 +1,289 @@
+"""Gradients checked against finite differences (``torch.autograd.gradcheck``, float64).
+
+Every differentiable entry point: :func:`lora_func.merge` (2- to 5-D weights, single and
+stacked adapters) and :func:`lora_func.delta`; every route of :class:`lora_func.LoRAWeight`
+(``F.linear``, ``F.conv1d/2d/3d`` with stride, padding, dilation and groups,
+``F.embedding`` with and without ``padding_idx``, and an op that materializes) in the
+``"factored"`` and ``"materialize"`` modes; :func:`lora_func.lora_params` through
+``functional_call``; and the stateful :class:`lora_func.LoRAParam` forward, alone and inside
+a layer prepared with :func:`lora_func.apply_lora`.
+
+Gradients flow to every input that requires them: the input ``x``, the base weight, ``A``,
+``B`` and ``scaling``. gradcheck compares the analytical Jacobian with central differences
+(eps 1e-6, atol 1e-5, rtol 1e-3, its defaults), which is only meaningful in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+from torch.autograd.gradcheck import GradcheckError
+
+import lora_func
+
+D = torch.float64
+
+
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=D).requires_grad_()
+
+
+def _factors(shape: tuple[int, ...], r: int, lead: tuple[int, ...] = (), seed: int = 0) -> tuple[torch.Tensor, ...]:
+    in_flat = 1
+    for d in shape[1:]:
+        in_flat *= d
+    A = _rand(*lead, r, in_flat, seed=seed)
+    B = _rand(*lead, shape[0], r, seed=seed + 1)
+    scaling = (torch.rand(lead, generator=torch.Generator().manual_seed(seed + 2), dtype=D) + 0.5).requires_grad_()
+    return A, B, scaling
+
+
+# --- merge and delta -------------------------------------------------------------------------
+
+SHAPES = [(4, 3), (3, 2, 3), (3, 2, 2, 2), (2, 2, 2, 1, 2)]
+
+
+@pytest.mark.parametrize("lead", [(), (2,)], ids=["single", "stacked"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+def test_merge(shape: tuple[int, ...], lead: tuple[int, ...]) -> None:
+    base = _rand(*shape, seed=10)
+    A, B, scaling = _factors(shape, r=2, lead=lead)
+
+    def f(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
+        return lora_func.merge(base, lora_func.LoRA(A, B, scaling, shape))
+
+    assert gradcheck(f, (base, A, B, scaling))
+    assert gradgradcheck(f, (base, A, B, scaling))
+
+
+@pytest.mark.parametrize("lead", [(), (3,)], ids=["single", "stacked"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+def test_delta(shape: tuple[int, ...], lead: tuple[int, ...]) -> None:
+    A, B, scaling = _factors(shape, r=3, lead=lead)
+    assert gradcheck(lambda A, B, s: lora_func.delta(lora_func.LoRA(A, B, s, shape)), (A, B, scaling))
+
+
+def test_gradcheck_can_fail() -> None:
+    """The check above is not vacuous: a wrong backward is caught."""
+
+    class Wrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            return g * 2.01  # 0.5 % off: more than the rtol of 1e-3
+
+    with pytest.raises(GradcheckError):
+        gradcheck(Wrong.apply, (_rand(3, seed=0),))
+
+
+# --- LoRAWeight routes ------------------------------------------------------------------------
+
+MODES = ["factored", "materialize"]
+
+
+def _check_route(op: Callable[..., torch.Tensor], x: Any, shape: tuple[int, ...], mode: str, r: int = 2) -> None:
+    """gradcheck of ``op(x, LoRAWeight(base, A, B, scaling))`` over x (if float), base, A, B, scaling."""
+    base = _rand(*shape, seed=20)
+    A, B, scaling = _factors(shape, r=r, seed=30)
+    used: list[str] = []
+
+    def f(*inputs: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            xx, base, A, B, scaling = inputs
+        else:
+            (base, A, B, scaling), xx = inputs, x
+        w = lora_func.LoRAWeight(base, mode=mode, A=A, B=B, scaling=scaling)
+        used.append(w.route)
+        return op(xx, w)
+
+    inputs = (x, base, A, B, scaling) if x.is_floating_point() else (base, A, B, scaling)
+    assert gradcheck(f, inputs)
+    assert set(used) == {mode}
+    # And the values are those of the merged weight (so the gradients checked are the right ones).
+    with torch.no_grad():
+        merged = base + scaling * (B @ A).view(shape)
+        ref = op(x, merged)
+        got = f(*inputs)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(mode: str, bias: bool) -> None:
+    b = _rand(4, seed=5) if bias else None
+    _check_route(lambda x, w: F.linear(x, w, b), _rand(2, 3, 3, seed=1), (4, 3), mode)
+
+
+CONVS = [
+    # (conv, x shape, weight shape, kwargs)
+    (F.conv1d, (2, 4, 7), (6, 2, 3), {"stride": 2, "padding": 1, "dilation": 2, "groups": 2}),
+    (F.conv1d, (4, 7), (3, 4, 3), {"padding": "same"}),  # unbatched input
+    (F.conv2d, (1, 2, 5, 6), (4, 2, 2, 3), {"stride": (1, 2), "padding": (1, 0), "dilation": (2, 1)}),
+    (F.conv2d, (2, 4, 5, 5), (4, 1, 3, 3), {"padding": 1, "groups": 4}),  # depthwise
+    (F.conv3d, (1, 2, 4, 3, 4), (2, 1, 2, 1, 2), {"stride": (2, 1, 1), "padding": (0, 1, 1), "groups": 2}),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("conv", "x_shape", "w_shape", "kwargs"), CONVS, ids=lambda v: getattr(v, "__name__", None))
+def test_conv(
+    conv: Callable[..., torch.Tensor],
+    x_shape: tuple[int, ...],
+    w_shape: tuple[int, ...],
+    kwargs: dict[str, Any],
+    mode: str,
+) -> None:
+    b = _rand(w_shape[0], seed=6)
+    _check_route(lambda x, w: conv(x, w, b, **kwargs), _rand(*x_shape, seed=2), w_shape, mode)
+
+
+def test_conv_positional_arguments_factored() -> None:
+    """nn.ConvNd calls F.conv2d with positional stride/padding/dilation/groups."""
+    b = _rand(4, seed=6)
+    _check_route(lambda x, w: F.conv2d(x, w, b, 2, 1, 1, 2), _rand(1, 4, 5, 5, seed=3), (4, 2, 3, 3), "factored")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding_idx", [None, 2, -1])
+def test_embedding(mode: str, padding_idx: int | None) -> None:
+    # F.embedding sends no gradient to the padding row by design, which finite differences
+    # cannot know: with a padding_idx the indices avoid that row (the next test covers it).
+    idx = torch.tensor([[0, 2, 5], [5, 1, 2]]) if padding_idx is None else torch.tensor([[0, 1, 3], [4, 4, 1]])
+    _check_route(lambda x, w: F.embedding(x, w, padding_idx), idx, (6, 3), mode)
+
+
+@pytest.mark.parametrize("padding_idx", [2, -4])
+def test_embedding_padding_gradients_equal_the_merged_weight(padding_idx: int) -> None:
+    """Where indices hit padding_idx, the factored route's gradients are the merged weight's."""
+    idx = torch.tensor([[0, 2, 5], [2, 1, 2]])
+    base = _rand(6, 3, seed=20)
+    A, B, scaling = _factors((6, 3), r=2)
+    cot = _rand(2, 3, 3, seed=21).detach()
+    grads = []
+    for route in ("factored", "merged"):
+        inputs = [t.detach().clone().requires_grad_() for t in (base, A, B, scaling)]
+        b, a, bb, s = inputs
+        w = lora_func.LoRAWeight(b, mode="factored", A=a, B=bb, scaling=s) if route == "factored" else None
+        w = w if w is not None else b + s * (bb @ a)
+        (F.embedding(idx, w, padding_idx) * cot).sum().backward()
+        grads.append([t.grad for t in inputs])
+    for got, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_padding_row_gets_no_adapter_gradient() -> None:
+    """At padding_idx the adapter gets no gradient, as with the merged weight; elsewhere it does."""
+    base = _rand(6, 3, seed=20)
+    A, B, scaling = _factors((6, 3), r=2)
+    w = lora_func.LoRAWeight(base, mode="factored", A=A, B=B, scaling=scaling)
+    F.embedding(torch.tensor([2, 2]), w, padding_idx=2).sum().backward()
+    assert A.grad is not None and B.grad is not None
+    assert torch.count_nonzero(A.grad) == 0 and torch.count_nonzero(B.grad) == 0
+
+
+GENERIC = [
+    # ops with no factored form: the LoRAWeight materializes merge(base, lora) for them
+    pytest.param(lambda x, w: torch.tanh(w) * x, (4, 3), (4, 3), id="tanh"),
+    pytest.param(lambda x, w: x @ w.T, (2, 3), (4, 3), id="matmul-T"),
+    pytest.param(lambda x, w: F.conv_transpose1d(x, w), (1, 4, 5), (4, 2, 3), id="conv_transpose1d"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("op", "x_shape", "w_shape"), GENERIC)
+def test_generic_op_materializes_with_gradients(
+    mode: str, op: Callable[..., torch.Tensor], x_shape: tuple[int, ...], w_shape: tuple[int, ...]
+) -> None:
+    _check_route(op, _rand(*x_shape, seed=4), w_shape, mode)
+
+
+# --- lora_params through functional_call -----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["auto", *MODES])
+def test_lora_params_functional_call(mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(9, 2)).to(D)
+    params = lora_func.base_params(model)
+    shapes = {"0.weight": (3, 2, 2), "3.weight": (2, 9)}
+    factors = [t for name in shapes for t in _factors(shapes[name], r=2, seed=len(name))]
+    x = _rand(2, 2, 4, seed=7)
+
+    def f(x: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+        adapters = {n: lora_func.LoRA(*flat[3 * i : 3 * i + 3], shapes[n]) for i, n in enumerate(shapes)}
+        return torch.func.functional_call(model, lora_func.lora_params(params, adapters, mode=mode), (x,))
+
+    assert gradcheck(f, (x, *factors))
+
+
+def test_lora_params_routing() -> None:
+    import inspect
+
+    if "index" not in inspect.signature(lora_func.lora_params).parameters:
+        pytest.skip("lora_params has no index= (per-example routing) yet")
+    params = {"w": _rand(4, 3, seed=0).detach()}
+    A, B, scaling = _factors((4, 3), r=2, lead=(3,))
+    index = torch.tensor([2, 0, 2, 1])
+    x = _rand(4, 3, seed=8)
+
+    def f(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        w = lora_func.lora_params(params, {"w": lora_func.LoRA(A, B, s, (4, 3))}, index=index)["w"]  # type: ignore[call-arg]
+        return F.linear(x, w)
+
+    assert gradcheck(f, (x, A, B, scaling))
+
+
+# --- the stateful layer -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+def test_lora_param_forward(shape: tuple[int, ...]) -> None:
+    p = lora_func.LoRAParam(shape, r=2, alpha=3.0, init="gaussian", device="cpu", dtype=D)
+    W = _rand(*shape, seed=9)
+    A, B, _ = _factors(shape, r=2, seed=40)
+
+    def f(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(p, {"A": A, "B": B}, (W,))
+
+    assert gradcheck(f, (W, A, B))
+    with torch.no_grad():
+        torch.testing.assert_close(f(W, A, B), W + 1.5 * (B @ A).view(shape), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("layer", "x_shape"),
+    [
+        (lambda: nn.Linear(3, 4), (2, 3)),
+        (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2), (1, 2, 5, 5)),
+        (lambda: nn.Embedding(6, 3, padding_idx=0), None),
+    ],
+    ids=["Linear", "Conv2d", "Embedding"],
+)
+def test_apply_lora_layer(layer: Callable[[], nn.Module], x_shape: tuple[int, ...] | None) -> None:
+    """The layer's own forward after apply_lora (its factored fast path) against finite differences."""
+    torch.manual_seed(0)
+    m = layer().to(D)
+    lora_func.apply_lora(m, r=2, init="gaussian")
+    names = ["parametrizations.weight.original", "parametrizations.weight.0.A", "parametrizations.weight.0.B"]
+    values = [_rand(*dict(m.named_parameters())[n].shape, seed=i) for i, n in enumerate(names)]
+    # (the indices avoid padding_idx 0, whose row F.embedding gives no gradient by design)
+    x = torch.tensor([[3, 1, 5], [5, 4, 2]]) if x_shape is None else _rand(*x_shape, seed=11)
+
+    def f(*inputs: torch.Tensor) -> torch.Tensor:
+        if x_shape is None:
+            xx, vs = x, inputs
+        else:
+            xx, vs = inputs[0], inputs[1:]
+        return torch.func.functional_call(m, dict(zip(names, vs, strict=True)), (xx,))
+
+    assert gradcheck(f, tuple(values) if x_shape is None else (x, *values))
