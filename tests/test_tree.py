@@ -25,7 +25,7 @@ def weight_shapes(draw: st.DrawFn, max_dims: int = 5) -> tuple[int, ...]:
 
 
 ranks = st.integers(1, 4)
-alphas = st.floats(-32.0, 32.0, allow_nan=False, allow_infinity=False)
+alphas = st.floats(-32.0, 32.0, allow_nan=False, allow_infinity=False, allow_subnormal=False)
 seeds = st.integers(0, 2**31 - 1)
 
 
