@@ -1,7 +1,8 @@
 """Training-step time of LoRA routes, side by side in one process, and their working memory.
 
 Every section builds its routes over one frozen model and times them interleaved
-(A B C A B C ...), so that drift on a shared machine hits every route alike; it prints
+(every route once per round, in a new random order each round), so that drift on a
+shared machine hits every route alike; it prints
 each route's median and its ratio to the *floor* (the frozen model's forward plus the
 backward pass to its input: the least any LoRA training step must do) and to PEFT where
 PEFT is installed.
@@ -22,6 +23,7 @@ Routes:
   stateful       lora_func.apply_lora
   materialized   torch.func.grad over functional_call(lora_func.effective_params)
   lora_params    torch.func.grad over functional_call(lora_func.lora_params)
+  *-bw           the same forward, with loss.backward() (plain autograd) instead of torch.func.grad
   loop / vmap-*  K adapters: a Python loop of materialized steps, or one vmap(grad);
                  "+adam" adds per-adapter clipping and an Adam step over the stack
 
@@ -29,6 +31,7 @@ Usage:
   python benchmarks/bench.py                 # every section, plus memory of vmap-64
   python benchmarks/bench.py mlp-1024 conv   # some sections
   python benchmarks/bench.py --no-memory --rounds 15
+  python benchmarks/bench.py mlp-1024 --only peft,hand,lora_params   # a few routes alone
 Quote ratios, not absolute times: the machines are shared and noisy.
 """
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -137,6 +141,12 @@ def one_adapter_routes(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.
     g_fast = grad(lambda a: loss(functional_call(base, lora_func.lora_params(params, a), (x,)), y))
     routes["materialized"] = lambda: g_mat(adapters)
     routes["lora_params"] = lambda: g_fast(adapters)
+
+    # The same functional route with plain autograd instead of torch.func.grad.
+    live = {k: a.replace(A=a.A.clone().requires_grad_(), B=a.B.clone().requires_grad_()) for k, a in adapters.items()}
+    routes["lora_params-bw"] = lambda: loss(
+        functional_call(base, lora_func.lora_params(params, live), (x,)), y
+    ).backward()
     return routes
 
 
@@ -167,6 +177,12 @@ def many_adapter_routes(dim: int, tokens: int, k: int) -> dict:
     routes["loop"] = loop
     routes["vmap-materialized"] = lambda: vmap(g_mat)(stacked, xs, ys)
     routes["vmap-lora_params"] = lambda: vmap(g_fast)(stacked, xs, ys)
+    # vmap of the forward only, then one backward of the summed losses (adapter k's
+    # gradient is that of its own loss: the losses share no adapter).
+    live = lora_func.stack([one] * k)
+    for leaf in lora_func.trainable(live):
+        leaf.requires_grad_()
+    routes["vmap-lora_params-bw"] = lambda: vmap(fast)(live, xs, ys).sum().backward()
 
     # The whole training step of issue #4's target: gradients, per-adapter clipping, Adam.
     trained = lora_func.stack([one] * k)
@@ -206,12 +222,19 @@ def sections() -> dict[str, Callable[[], dict]]:
 
 
 def time_routes(routes: dict[str, Route], rounds: int) -> dict[str, float]:
+    """Median time of each route over ``rounds`` rounds; each round runs every route once,
+    in a new random order, so that no route always follows the same neighbour (a route
+    that frees a large buffer leaves page faults and cold caches to the next one)."""
     for fn in routes.values():  # warm-up
         fn()
         fn()
     times: dict[str, list[float]] = {name: [] for name in routes}
+    order = list(routes)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in routes.items():
+        shuffle(order)
+        for name in order:
+            fn = routes[name]
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -266,6 +289,7 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-route memory measurement")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--only", help="comma-separated routes to time (the floor is always kept)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -277,7 +301,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, rank {RANK}; medians of {args.rounds} rounds")
     results: dict[str, dict] = {}
     for name in chosen:
-        medians = time_routes(sections()[name](), args.rounds)
+        routes = sections()[name]()
+        if args.only:
+            keep = set(args.only.split(","))
+            routes = {r: fn for i, (r, fn) in enumerate(routes.items()) if i == 0 or r in keep}
+        medians = time_routes(routes, args.rounds)
         floor = next(iter(medians.values()))
         peft = medians.get("peft")
         print(f"\n{name}")
