@@ -249,8 +249,9 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_of(section: str, route: str) -> tuple[float, float]:
-    """Working memory (MiB) of one route in a fresh process: (first step, later steps).
+def memory_of(section: str, route: str, repeats: int = 3) -> tuple[float, float]:
+    """Working memory (MiB) of one route: (first step, later steps), medians over ``repeats``
+    fresh processes.
 
     Each is the peak RSS while the step runs minus the RSS just before it. The first step
     also pays for one-time allocations (allocator pools, autograd and functorch caches),
@@ -260,9 +261,13 @@ def memory_of(section: str, route: str) -> tuple[float, float]:
         f"import sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); import bench; "
         f"print(*bench._measure({section!r}, {route!r}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    first, steady = out.stdout.strip().splitlines()[-1].split()
-    return float(first), float(steady)
+    firsts, laters = [], []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        first, later = out.stdout.strip().splitlines()[-1].split()
+        firsts.append(float(first))
+        laters.append(float(later))
+    return statistics.median(firsts), statistics.median(laters)
 
 
 def _peak_of(fn: Route, calls: int) -> float:
@@ -315,7 +320,7 @@ def main() -> None:
             print(f"  {route:18s} {med * 1e3:10.2f} {med / floor:8.2f} {vs_peft}")
         results[name] = {"median_s": medians}
     if not args.no_memory and "vmap-64" in chosen:
-        print("\nvmap-64 working memory, MiB (fresh process per route; peak RSS minus RSS before the step)")
+        print("\nvmap-64 working memory, MiB (peak RSS minus RSS before the step; median of 3 fresh processes)")
         print(f"  {'route':22s} {'first step':>10s} {'x floor':>8s} {'later':>8s} {'x floor':>8s}")
         floor_mem: tuple[float, float] | None = None
         for route in ("floor-64", "vmap-materialized", "vmap-lora_params", "vmap-lora_params+adam"):

@@ -19,7 +19,9 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    "myst_parser",  # docs/benchmarks.md: the benchmark record is Markdown, like the README
 ]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 
 # Google-style docstrings only.
 napoleon_google_docstring = True
