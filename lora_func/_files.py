@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save as _st_save
 from torch import nn
 
+from ._math import check_device
 from ._targets import _params_of
 from ._tree import LoRA
 
@@ -207,11 +208,7 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str | None = No
     """
     where = "load(path)"
     if device is not None:
-        try:
-            torch.empty(0, device=device)  # an accelerator that is not there fails here, not later
-            device = torch.device(device)
-        except (AssertionError, RuntimeError, TypeError):
-            raise ValueError(f"{where}: device {device!r} is not a valid, available torch device") from None
+        device = check_device(device, where)
     name = os.fspath(path)
     header, tensors = _read(path, where)
     entries = header.get("adapters")

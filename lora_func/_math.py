@@ -55,6 +55,15 @@ def check_alpha(alpha: Any, where: str) -> float:
     return float(alpha)
 
 
+def check_device(device: Any, where: str) -> torch.device:
+    """``device`` as a ``torch.device`` if it names one that exists here, else a ``ValueError``."""
+    try:
+        torch.empty(0, device=device)  # an accelerator that is not there fails here, not later
+        return torch.device(device)
+    except (AssertionError, RuntimeError, TypeError):
+        raise ValueError(f"{where}: device {device!r} is not a valid, available torch device") from None
+
+
 def check_init(init: Any, where: str) -> str:
     if init not in INITS:
         raise ValueError(f"{where}: unknown init {init!r}; expected one of {list(INITS)}")
@@ -134,11 +143,7 @@ def init(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"init: dtype must be a floating-point dtype (a torch.dtype), got {dtype!r}")
     if device is not None:
-        try:
-            torch.empty(0, device=device)  # an accelerator that is not there fails here, not later
-            device = torch.device(device)
-        except (AssertionError, RuntimeError, TypeError):
-            raise ValueError(f"init: device {device!r} is not a valid, available torch device") from None
+        device = check_device(device, "init")
     # B is created before A, as in the documented LoRAParam (this order draws nothing).
     B = torch.empty(dims[0], r, device=device, dtype=dtype)
     A = torch.empty(r, _prod(dims[1:]), device=device, dtype=dtype)
