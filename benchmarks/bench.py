@@ -184,7 +184,7 @@ def many_adapter_routes(dim: int, tokens: int, k: int) -> dict:
         leaf.requires_grad_()
     routes["vmap-lora_params-bw"] = lambda: vmap(fast)(live, xs, ys).sum().backward()
 
-    # The whole training step of issue #4's target: gradients, per-adapter clipping, Adam.
+    # A whole training step of K adapters: gradients, per-adapter clipping, Adam.
     trained = lora_func.stack([one] * k)
     opt = torch.optim.Adam(lora_func.trainable(trained), lr=1e-3)
     step = vmap(g_fast)
