@@ -26,6 +26,7 @@ from ._peft import export_peft as export_peft
 from ._peft import from_state_dict as from_state_dict
 from ._peft import import_peft as import_peft
 from ._peft import to_state_dict as to_state_dict
+from ._routing import RoutedLoRAWeight as RoutedLoRAWeight
 from ._stateful import LoRAParam as LoRAParam
 from ._stateful import apply_lora as apply_lora
 from ._stateful import get_adapters as get_adapters
@@ -55,6 +56,7 @@ __all__ = [
     "LoRA",
     "LoRAParam",
     "LoRAWeight",
+    "RoutedLoRAWeight",
     "adapter_norms",
     "add",
     "all_reduce_grads",

@@ -226,13 +226,18 @@ def effective_params(params: Mapping[str, torch.Tensor], adapters: Mapping[str, 
 
 
 # lora_params builds on _weight, which sits above _math; imported here, next to its one user.
+from ._routing import RoutedLoRAWeight, check_index  # noqa: E402
 from ._weight import LoRAWeight, _make, check_mode  # noqa: E402
 
 __all__ += ["lora_params"]
 
 
 def lora_params(
-    params: Mapping[str, torch.Tensor], adapters: Mapping[str, LoRA], *, mode: str = "auto"
+    params: Mapping[str, torch.Tensor],
+    adapters: Mapping[str, LoRA],
+    *,
+    mode: str = "auto",
+    index: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``params`` with every adapted weight replaced by a :class:`~lora_func.LoRAWeight`.
 
@@ -251,17 +256,27 @@ def lora_params(
         mode: ``"auto"`` picks, per layer and per call, the cheaper of the factored form
             (``tokens·r·(in+out)`` extra work; convolutions count output pixels) and the
             merge (``out·in·r``); ``"factored"`` and ``"materialize"`` force one.
+        index: per-example routing (see :class:`~lora_func.RoutedLoRAWeight`): a
+            ``(batch,)`` integer tensor giving each example's adapter in the stacked
+            ``adapters`` (leading dimension ``K``, the same for all), ``-1`` for the base
+            model alone. The input's leading dimension is the batch. Its range is checked
+            here, which reads its minimum and maximum (a device sync; skipped inside
+            ``torch.compile``).
 
     Returns:
         A new dict with the keys of ``params``; adapted entries are
-        :class:`~lora_func.LoRAWeight`.
+        :class:`~lora_func.LoRAWeight` (:class:`~lora_func.RoutedLoRAWeight` with
+        ``index``).
 
     Raises:
         ValueError: if ``mode`` is unknown, an adapter names no parameter, its shape does
             not fit, it is on another device than its parameter, or it is stacked (use
-            ``torch.func.vmap``).
+            ``torch.func.vmap``, or ``index``); with ``index``: if an adapter is not
+            stacked, the stacks differ in ``K``, or ``index`` is not ``(batch,)``, holds a
+            value outside ``[-1, K)`` or is on another device.
         TypeError: if the arguments are not mappings, an adapter is not a :class:`LoRA`
-            with tensor leaves, or an adapted parameter is not floating-point.
+            with tensor leaves, an adapted parameter is not floating-point, or ``index``
+            is not an integer tensor.
 
     Example:
         >>> import torch, lora_func
@@ -277,6 +292,8 @@ def lora_params(
     where = "lora_params(params, adapters)"
     check_mode(mode, where)
     _check_keys(params, adapters, where)
+    if index is not None:
+        return _routed_params(params, adapters, mode, index)
     out = dict(params)
     compiling = torch.compiler.is_compiling()
     for name, lora in adapters.items():
@@ -295,4 +312,29 @@ def lora_params(
             out[name] = LoRAWeight(base, mode=mode, A=lora.A, B=lora.B, scaling=lora.scaling)
         else:
             out[name] = _make(base, lora.A, lora.B, lora.scaling, mode)
+    return out
+
+
+def _routed_params(
+    params: Mapping[str, torch.Tensor], adapters: Mapping[str, LoRA], mode: str, index: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    where = "lora_params(params, adapters, index=...)"
+    ks = {name: tuple(lora.A.shape[:-2]) for name, lora in adapters.items()}
+    flat = [n for n, lead in ks.items() if len(lead) != 1]
+    if flat:
+        raise ValueError(
+            f"{where}: adapters {flat} are not stacked along one leading dimension (shapes of A: "
+            f"{ {n: tuple(adapters[n].A.shape) for n in flat} }); routing needs lora_func.stack([...]) of K adapters"
+        )
+    if len({lead[0] for lead in ks.values()}) > 1:
+        raise ValueError(f"{where}: the stacked adapters differ in K: {ks}; stack the same K adapters everywhere")
+    first = next(iter(adapters.values()), None)
+    k = first.A.shape[0] if first is not None else 0
+    check_index(index, k, first.A.device if first is not None else torch.device("cpu"), where)
+    out = dict(params)
+    for name, lora in adapters.items():
+        try:
+            out[name] = RoutedLoRAWeight(params[name], lora.A, lora.B, lora.scaling, index, mode)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: adapter {name!r}: {err}") from None
     return out

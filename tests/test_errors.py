@@ -508,10 +508,6 @@ def test_catalogue_ids_are_unique() -> None:
 
 
 def test_routing_indices_out_of_range() -> None:
-    import inspect
-
-    if "index" not in inspect.signature(lora_func.lora_params).parameters:
-        pytest.skip("lora_params has no index= (per-example routing) yet")
     w = world()
     params = {"w": w["W"]}
     before = snapshot(w)
@@ -521,6 +517,10 @@ def test_routing_indices_out_of_range() -> None:
         lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([-3]))
     with pytest.raises(TypeError, match=r"lora_params.*index"):
         lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match=r"lora_params.*index must have shape \(batch,\)"):
+        lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([[0]]))
+    with pytest.raises(ValueError, match=r"lora_params.*not stacked"):
+        lora_func.lora_params(params, {"w": w["lo"]}, index=torch.tensor([0]))
     assert_same(before, snapshot(w))
 
 

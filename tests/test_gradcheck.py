@@ -5,8 +5,9 @@ stacked adapters) and :func:`lora_func.delta`; every route of :class:`lora_func.
 (``F.linear``, ``F.conv1d/2d/3d`` with stride, padding, dilation and groups,
 ``F.embedding`` with and without ``padding_idx``, and an op that materializes) in the
 ``"factored"`` and ``"materialize"`` modes; :func:`lora_func.lora_params` through
-``functional_call``; and the stateful :class:`lora_func.LoRAParam` forward, alone and inside
-a layer prepared with :func:`lora_func.apply_lora`.
+``functional_call``, with and without per-example routing (``index=``); and the stateful
+:class:`lora_func.LoRAParam` forward, alone and inside a layer prepared with
+:func:`lora_func.apply_lora`.
 
 Gradients flow to every input that requires them: the input ``x``, the base weight, ``A``,
 ``B`` and ``scaling``. gradcheck compares the analytical Jacobian with central differences
@@ -226,21 +227,40 @@ def test_lora_params_functional_call(mode: str) -> None:
     assert gradcheck(f, (x, *factors))
 
 
-def test_lora_params_routing() -> None:
-    import inspect
+ROUTED_LAYERS = {
+    "linear": (lambda: nn.Linear(3, 4), (4, 2, 3)),
+    "conv2d": (lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2), (4, 4, 4, 4)),
+    "embedding": (lambda: nn.Embedding(6, 3, padding_idx=0), None),
+}
 
-    if "index" not in inspect.signature(lora_func.lora_params).parameters:
-        pytest.skip("lora_params has no index= (per-example routing) yet")
-    params = {"w": _rand(4, 3, seed=0).detach()}
-    A, B, scaling = _factors((4, 3), r=2, lead=(3,))
-    index = torch.tensor([2, 0, 2, 1])
-    x = _rand(4, 3, seed=8)
 
-    def f(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        w = lora_func.lora_params(params, {"w": lora_func.LoRA(A, B, s, (4, 3))}, index=index)["w"]  # type: ignore[call-arg]
-        return F.linear(x, w)
+@pytest.mark.parametrize("mode", ["auto", "materialize"])
+@pytest.mark.parametrize("layer", list(ROUTED_LAYERS))
+def test_lora_params_routing(layer: str, mode: str) -> None:
+    """Per-example routing (index with -1 and a repeated adapter) over x, A, B and scaling."""
+    torch.manual_seed(0)
+    make, x_shape = ROUTED_LAYERS[layer]
+    m = make().to(D)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    shape = tuple(params["weight"].shape)
+    A, B, scaling = _factors(shape, r=2, lead=(3,))
+    index = torch.tensor([2, -1, 2, 0])
+    # (the indices avoid padding_idx 0, whose row F.embedding gives no gradient by design)
+    x = torch.tensor([[3, 1, 4], [5, 4, 2], [3, 2, 2], [1, 1, 5]]) if x_shape is None else _rand(*x_shape, seed=8)
 
-    assert gradcheck(f, (x, A, B, scaling))
+    def f(*inputs: torch.Tensor) -> torch.Tensor:
+        xx, (A, B, s) = (x, inputs) if x_shape is None else (inputs[0], inputs[1:])
+        routed = lora_func.lora_params(params, {"weight": lora_func.LoRA(A, B, s, shape)}, index=index, mode=mode)
+        return torch.func.functional_call(m, routed, (xx,))
+
+    assert gradcheck(f, (A, B, scaling) if x_shape is None else (x, A, B, scaling))
+    # The values checked are each example's merged-weight output.
+    with torch.no_grad():
+        got = f(A, B, scaling) if x_shape is None else f(x, A, B, scaling)
+        for i, k in enumerate(index.tolist()):
+            W = params["weight"] if k < 0 else params["weight"] + scaling[k] * (B[k] @ A[k]).view(shape)
+            want = torch.func.functional_call(m, {**params, "weight": W}, (x[i : i + 1],))[0]
+            torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-12)
 
 
 # --- the stateful layer -----------------------------------------------------------------------
