@@ -13,6 +13,9 @@ Sections:
   vmap-8     8 adapters at once, dim 1024, 16 tokens each
   vmap-64    64 adapters at once
   conv       a small conv net (3 conv layers, 32x32 images, batch 16), one adapter
+  routing    inference, dim 1024, 64 examples x 16 tokens: one adapter for all (the
+             reference, first row) vs 16 adapters routed per example (uniform random
+             index, -1 included) vs PEFT's mixed-batch adapter_names route
 
 Routes:
   floor          frozen model, input requires grad
@@ -198,6 +201,46 @@ def many_adapter_routes(dim: int, tokens: int, k: int) -> dict:
     return routes
 
 
+def routing_routes(dim: int = 1024, examples: int = 64, tokens: int = 16, k: int = 16) -> dict:
+    """Inference with per-example routing; the first route (one adapter) is the reference."""
+    routes: dict[str, Route] = {}
+    base = frozen(mlp(dim))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(examples, tokens, dim, generator=g)
+    index = torch.randint(-1, k, (examples,), generator=g)
+    params = dict(base.named_parameters())
+    adapters = [nonzero(lora_func.init_adapters(base, "*.weight", r=RANK, alpha=float(RANK))) for _ in range(k)]
+    stacked = lora_func.stack(adapters)
+
+    def one() -> None:
+        with torch.no_grad():
+            functional_call(base, lora_func.lora_params(params, adapters[0]), (x,))
+
+    def routed() -> None:
+        with torch.no_grad():
+            functional_call(base, lora_func.lora_params(params, stacked, index=index), (x,))
+
+    routes["one-adapter"] = one
+    routes[f"routing-{k}"] = routed
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["0", "2", "4"])
+        pm = get_peft_model(mlp(dim), config, adapter_name="a0").eval()
+        for i in range(1, k):
+            pm.add_adapter(f"a{i}", config)
+        names = ["__base__" if i < 0 else f"a{i}" for i in index.tolist()]
+
+        def peft_mixed() -> None:
+            with torch.no_grad():
+                pm(x, adapter_names=names)
+
+        routes[f"peft-mixed-{k}"] = peft_mixed
+    except ImportError:
+        pass
+    return routes
+
+
 def sections() -> dict[str, Callable[[], dict]]:
     def mlp_section(dim: int, tokens: int) -> Callable[[], dict]:
         def build() -> dict:
@@ -218,6 +261,7 @@ def sections() -> dict[str, Callable[[], dict]]:
         "vmap-8": lambda: many_adapter_routes(1024, 16, 8),
         "vmap-64": lambda: many_adapter_routes(1024, 16, 64),
         "conv": conv_section,
+        "routing": routing_routes,
     }
 
 
