@@ -37,11 +37,12 @@ Any other operation on a routed weight (``w.sum()``, ``w @ x``, ``F.conv_transpo
 ``F.embedding`` with ``max_norm``) is a ``ValueError`` naming it: there is no single merged
 weight to give it. Metadata (``shape``, ``dtype``, ``device``) is the base weight's.
 
-``torch.compile`` (checked on torch 2.13, CPU, backends eager and aot_eager): an inference
-function that calls :func:`lora_func.lora_params` with ``index=`` and ``functional_call``
-compiles with ``fullgraph=True`` and matches eager, as does a loss whose backward runs
-outside. Inside compiled code the index range is not checked (that reads the index's
-minimum and maximum, a graph break); an index out of range there fails in the gather.
+``torch.compile`` (checked on torch 2.13, CPU, backends eager, aot_eager and inductor): an
+inference function that calls :func:`lora_func.lora_params` with ``index=`` and
+``functional_call`` compiles with ``fullgraph=True`` and matches eager (a new index reuses
+the graph), as do ``torch.func.grad`` of a loss and a loss whose backward runs outside.
+Inside compiled code the index range is not checked (that reads the index's minimum and
+maximum, a graph break); an index out of range there fails in the gather.
 """
 
 from __future__ import annotations
