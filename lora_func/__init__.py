@@ -12,6 +12,9 @@ from ._arith import mean as mean
 from ._arith import scale as scale
 from ._arith import truncate as truncate
 from ._arith import weighted_sum as weighted_sum
+from ._bridge import get_adapters as get_adapters
+from ._bridge import module_params as module_params
+from ._bridge import set_adapters as set_adapters
 from ._dist import all_reduce_grads as all_reduce_grads
 from ._files import check as check
 from ._files import load as load
@@ -29,10 +32,7 @@ from ._peft import to_state_dict as to_state_dict
 from ._routing import RoutedLoRAWeight as RoutedLoRAWeight
 from ._stateful import LoRAParam as LoRAParam
 from ._stateful import apply_lora as apply_lora
-from ._stateful import get_adapters as get_adapters
-from ._stateful import module_params as module_params
 from ._stateful import remove_lora as remove_lora
-from ._stateful import set_adapters as set_adapters
 from ._targets import base_params as base_params
 from ._targets import effective_params as effective_params
 from ._targets import init_adapters as init_adapters

@@ -11,7 +11,8 @@ import torch.utils._pytree as torch_pytree
 from torch import nn
 from torch.func import functional_call
 
-from ._stateful import _lora_modules, get_adapters, remove_lora
+from ._bridge import _lora_modules, get_adapters
+from ._stateful import remove_lora
 from ._targets import base_params, effective_params, lora_params
 from ._tree import LoRA
 

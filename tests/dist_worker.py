@@ -1,6 +1,7 @@
 """One rank of the data-parallel tests in test_dist.py (run as a script, one process per rank).
 
-Usage: python dist_worker.py MODE RANK WORLD PORT OUTDIR, MODE in {functional, stateful}.
+Usage: python dist_worker.py MODE RANK WORLD STORE OUTDIR, MODE in {functional, stateful};
+STORE is a file path the ranks meet at (a FileStore: no TCP port to race for).
 Both modes train on this rank's shard of a batch that tests/test_dist.py rebuilds whole.
 """
 
@@ -76,8 +77,8 @@ def train_stateful(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, wrap) -
 
 
 def main() -> None:
-    mode, rank, world, port, outdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    mode, rank, world, store, outdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     x, y = data(world)
     shard = slice(rank * N, (rank + 1) * N)
     x, y = x[:, shard], y[:, shard]

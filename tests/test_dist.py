@@ -3,7 +3,7 @@ adapters, equal to one process training on the whole batch."""
 
 from __future__ import annotations
 
-import socket
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,18 +21,13 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_world(mode: str, tmp_path: Path, world: int = 2) -> list[list[torch.Tensor]]:
-    port = str(_free_port())
+    store = str(tmp_path / f"{mode}-store")
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), mode, str(rank), str(world), port, str(tmp_path)],
+            [sys.executable, str(WORKER), mode, str(rank), str(world), store, str(tmp_path)],
             stdout=subprocess.PIPE,
+            env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},  # the ranks talk over loopback only
             stderr=subprocess.STDOUT,
             text=True,
         )

@@ -542,7 +542,7 @@ def test_catalogue_feeds_every_public_function() -> None:
 
 
 #: The modules whose public functions the catalogue covers (newer modules bring their own error tests).
-MODULES = {"_tree", "_math", "_targets", "_weight", "_arith", "_files", "_stateful", "_peft", "_dist"}
+MODULES = {"_tree", "_math", "_targets", "_weight", "_arith", "_files", "_stateful", "_bridge", "_peft", "_dist"}
 
 
 def test_snapshot_sees_every_kind_of_change() -> None:
