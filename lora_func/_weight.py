@@ -280,8 +280,11 @@ def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
         if weight.route == "materialize" or tokens * (in_f + out_f) > out_f * in_f:
             return F.linear(input, weight.materialize(), bias)
     A, B = _factors(weight)
-    out = F.linear(input, weight.base, bias)
-    return out + F.linear(F.linear(input, A) * weight.scaling, B)
+    if input.dim() != 2:  # fold leading dimensions so that the sum below is one addmm
+        out2 = _linear(input.reshape(-1, input.shape[-1]), weight, bias)
+        return out2.view(*input.shape[:-1], out2.shape[-1])
+    # base output + (s·x Aᵀ) Bᵀ in one addmm: no separate add kernel or output-sized buffer
+    return torch.addmm(F.linear(input, weight.base, bias), F.linear(input, A) * weight.scaling, B.t())
 
 
 def _out_pixels(x_shape: Any, k: tuple[int, ...], stride: Any, padding: Any, dilation: Any) -> int:
