@@ -98,6 +98,7 @@ def save(
         {'step': 100}
     """
     where = "save(adapters, path)"
+    target = _path(path, where)
     kind, named = _as_named(adapters, where)
     if metadata is None:
         metadata = {}
@@ -125,7 +126,7 @@ def save(
     except (TypeError, ValueError) as err:
         raise TypeError(f"{where}: metadata must hold only JSON-serialisable values ({err})") from None
     data = _st_save(tensors, metadata={HEADER_KEY: text})
-    _atomic_write(os.fspath(path), data)
+    _atomic_write(target, data)
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -150,11 +151,18 @@ def _atomic_write(path: str, data: bytes) -> None:
             os.close(dfd)
 
 
+def _path(path: Any, where: str) -> str:
+    """``path`` as a string, or a ``TypeError`` naming ``where`` if it is not a path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{where}: path must be a str or os.PathLike, got {type(path).__name__}")
+    return os.fspath(path)
+
+
 def _read(
     path: str | os.PathLike[str], where: str, with_tensors: bool = True
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The parsed header and the tensors of a lora_func file, or a ValueError naming it."""
-    name = os.fspath(path)
+    name = _path(path, where)
     if not os.path.isfile(name):
         raise FileNotFoundError(f"{where}: no file at {name!r}")
     try:
@@ -209,7 +217,7 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str | None = No
     where = "load(path)"
     if device is not None:
         device = check_device(device, where)
-    name = os.fspath(path)
+    name = _path(path, where)
     header, tensors = _read(path, where)
     entries = header.get("adapters")
     kind = header.get("kind")

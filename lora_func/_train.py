@@ -125,7 +125,10 @@ def adapter_norms(grads: Any) -> torch.Tensor:
     Raises:
         ValueError: if the tree holds no :class:`~lora_func.LoRA` or is not stacked.
     """
-    leaves = _check_grad_tree(grads, "adapter_norms(grads)")
+    return _norms(_check_grad_tree(grads, "adapter_norms(grads)"))
+
+
+def _norms(leaves: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([g.flatten(1).pow(2).sum(1) for g in leaves]).sum(0).sqrt()
 
 
@@ -161,7 +164,7 @@ def clip_per_adapter(grads: Any, max_norm: float, *, eps: float = 1e-6) -> tuple
     where = "clip_per_adapter(grads, max_norm)"
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not 0 < max_norm < float("inf"):
         raise ValueError(f"{where}: max_norm must be a positive finite number, got {max_norm!r}")
-    norms = adapter_norms(grads)
+    norms = _norms(_check_grad_tree(grads, where))
     factor = (max_norm / (norms + eps)).clamp(max=1.0)
 
     def clip(node: Any) -> Any:

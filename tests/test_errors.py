@@ -488,6 +488,34 @@ CASES: list[Case] = [
     ("meta-corrupt", lambda w: lora_func.load_metadata(_corrupt_file(w)), V, r"load_metadata\(path\): .* not a"),
     ("ep-type", lambda w: lora_func.effective_params({"w": w["W"]}, [w["lo"]]), T, r"effective_params.*adapters must"),
     ("arg-op", lambda w: lora_func.all_reduce_grads(w["adapters"], op="max"), V, r"all_reduce_grads: op must be"),
+    ("save-path", lambda w: lora_func.save(w["adapters"], 3), T, r"save\(adapters, path\): path must be a str"),
+    ("load-path", lambda w: lora_func.load(None), T, r"load\(path\): path must be a str"),
+    # --- training many adapters, merge_error
+    ("stack-seeds", lambda w: lora_func.init_stack(w["plain"], "*.weight", seeds=[]), V, r"init_stack: seeds must be"),
+    ("stack-seed-f", lambda w: lora_func.init_stack(w["plain"], "*.weight", seeds=[1.0]), T, r"init_stack: seeds must"),
+    (
+        "stack-alphas",
+        lambda w: lora_func.init_stack(w["plain"], "*.weight", seeds=[1, 2], alphas=[1.0]),
+        V,
+        r"init_stack: alphas has 1 values but there are 2 seeds",
+    ),
+    ("stack-target", lambda w: lora_func.init_stack(w["plain"], "*.wieght", seeds=[1]), V, r"targets .* match no"),
+    ("pick-range", lambda w: lora_func.pick(w["stacked"], 5), V, r"pick\(stacked, k\): k=5 is out of range"),
+    ("pick-k", lambda w: lora_func.pick(w["stacked"], 1.0), T, r"pick\(stacked, k\): k must be an int"),
+    ("pick-flat", lambda w: lora_func.pick(w["lo"], 0), V, r"pick\(stacked, k\): stacked must be"),
+    ("clip-flat", lambda w: lora_func.clip_per_adapter(w["adapters"], 1.0), V, r"clip_per_adapter.*not stacked"),
+    ("clip-norm", lambda w: lora_func.clip_per_adapter(w["stacked"], -1.0), V, r"clip_per_adapter.*max_norm must be"),
+    ("norms-none", lambda w: lora_func.adapter_norms({"x": w["W"]}), V, r"adapter_norms.*holds no lora_func\.LoRA"),
+    ("assign-shape", lambda w: lora_func.assign_grads({"a": w["lo"]}, {"a": w["stacked"]}), V, r"a gradient has shape"),
+    ("assign-names", lambda w: lora_func.assign_grads({"a": w["lo"]}, {"b": w["lo"]}), V, r"grads holds adapters"),
+    ("me-model", lambda w: lora_func.merge_error(w["lo"], None, w["W"]), T, r"merge_error.*model must be an nn"),
+    ("me-none", lambda w: lora_func.merge_error(w["plain"], None, torch.ones(1, 3)), V, r"merge_error.*no adapters"),
+    (
+        "me-misfit",
+        lambda w: lora_func.merge_error(w["plain"], {"2.weight": w["lo"]}, torch.ones(1, 3)),
+        V,
+        r"2\.weight",
+    ),
 ]
 
 
@@ -542,7 +570,10 @@ def test_catalogue_feeds_every_public_function() -> None:
 
 
 #: The modules whose public functions the catalogue covers (newer modules bring their own error tests).
-MODULES = {"_tree", "_math", "_targets", "_weight", "_arith", "_files", "_stateful", "_bridge", "_peft", "_dist"}
+MODULES = {
+    "_tree", "_math", "_targets", "_weight", "_arith", "_files", "_stateful", "_bridge", "_peft", "_dist", "_train",
+    "_merge_error",
+}  # fmt: skip
 
 
 def test_snapshot_sees_every_kind_of_change() -> None:
