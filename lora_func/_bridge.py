@@ -132,6 +132,10 @@ def set_adapters(module: nn.Module, adapters: Mapping[str, LoRA]) -> None:
             )
         if existing is None:
             check_weight_shape(base_shape, where)
+            if not getattr(sub, pname).dtype.is_floating_point:
+                raise TypeError(
+                    f"{where}: adapters[{name!r}] names a {getattr(sub, pname).dtype} weight; LoRA needs a float one"
+                )
         plan.append((sub, pname, existing, lora))
     for sub, pname, existing, lora in plan:
         if existing is None:
@@ -142,8 +146,11 @@ def set_adapters(module: nn.Module, adapters: Mapping[str, LoRA]) -> None:
         with torch.no_grad():
             existing.A.copy_(lora.A)
             existing.B.copy_(lora.B)
-        existing.scaling = float(lora.scaling)
-        existing.alpha = existing.scaling * existing.r
+        # Keep the module's own (float64) alpha when the adapter's scaling is that value rounded to
+        # the adapter's precision: a get_adapters / set_adapters round trip changes nothing.
+        if float(lora.scaling) != float(torch.tensor(existing.scaling, dtype=lora.scaling.dtype)):
+            existing.scaling = float(lora.scaling)
+            existing.alpha = existing.scaling * existing.r
 
 
 def module_params(module: nn.Module, adapters: Mapping[str, LoRA]) -> dict[str, torch.Tensor]:
@@ -202,6 +209,11 @@ def module_params(module: nn.Module, adapters: Mapping[str, LoRA]) -> dict[str, 
             raise ValueError(
                 f"{where}: adapters[{name!r}] has shape {lora.shape} and rank {lora.r}, "
                 f"but the module's LoRA has shape {param.weight_shape} and rank {param.r}"
+            )
+        if param.scaling == 0:
+            raise ValueError(
+                f"{where}: the module's LoRA on {name!r} has alpha 0, so no adapter can pass through it; "
+                "give it a non-zero alpha (set_adapters sets one)"
             )
         prefix = name[: len(name) - len(pname)] + f"parametrizations.{pname}."
         index = list(_chain(sub, pname)).index(param)

@@ -158,7 +158,9 @@ def _scaled_product(
     """``scaling * (B @ A)`` reshaped to ``(*lead, *shape)``; ``lead`` is A's batch dimensions."""
     lead = A.shape[:-2]
     if isinstance(scaling, torch.Tensor) and scaling.dim() > 0:
-        scaling = scaling.reshape(*scaling.shape, *([1] * len(shape)))
+        # as a 0-d scaling would: the product's dtype decides the result's (no promotion)
+        product_dtype = torch.promote_types(A.dtype, B.dtype)
+        scaling = scaling.to(product_dtype).reshape(*scaling.shape, *([1] * len(shape)))
     return scaling * (B @ A).view(*lead, *shape)
 
 
@@ -174,8 +176,9 @@ def _update(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch
     result is rounded to the base dtype once, so a merge costs one rounding, not three.
     """
     if base.dtype in LOW_PRECISION or A.dtype in LOW_PRECISION or B.dtype in LOW_PRECISION:
-        wide = base.float() + _scaled_product(A.float(), B.float(), scaling, tuple(base.shape))
-        return wide.to(base.dtype)
+        wide = torch.promote_types(base.dtype, torch.float32)  # float64 bases stay float64
+        out = base.to(wide) + _scaled_product(A.to(wide), B.to(wide), scaling, tuple(base.shape))
+        return out.to(base.dtype)
     out = base + _scaled_product(A, B, scaling, tuple(base.shape))
     return out if out.dtype == base.dtype else out.to(base.dtype)
 

@@ -246,15 +246,16 @@ def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
             f"F.linear: a routed weight needs an input of shape (batch, ..., in), got {tuple(input.shape)}"
         )
     batch = input.shape[0]
+    tokens = input.shape[1:-1].numel()  # explicit sizes, not -1: zero-size batches must reshape too
     if weight.route == "materialize":
         _check_batch(weight, batch, "F.linear")
-        x = input.reshape(batch, -1, input.shape[-1])
-        out = (x @ _materialized(weight).mT).reshape(*input.shape[:-1], -1)
+        x = input.reshape(batch, tokens, input.shape[-1])
+        out = (x @ _materialized(weight).mT).reshape(*input.shape[:-1], weight.base.shape[0])
         return out if bias is None else out + bias
     idx, s = _picked(weight, batch, "F.linear")
     dt = weight.base.dtype
     A, B = weight.A.to(dt)[idx], weight.B.to(dt)[idx]  # (batch, r, in), (batch, out, r)
-    x = input.reshape(batch, -1, input.shape[-1])
+    x = input.reshape(batch, tokens, input.shape[-1])
     h = torch.bmm(x, A.mT) * s.view(batch, 1, 1)
     delta = torch.bmm(h, B.mT).reshape(*input.shape[:-1], B.shape[1])
     return F.linear(input, weight.base, bias) + delta
@@ -273,6 +274,9 @@ def _conv_route(conv: Callable[..., torch.Tensor], name: str) -> Callable[..., A
                 f"{name}: a routed weight needs a batched input (batch, channels, ...), got shape {tuple(input.shape)}"
             )
         batch = input.shape[0]
+        if batch == 0:  # no examples: the base convolution gives the right (empty) shape
+            _check_batch(weight, batch, name)
+            return conv(input, weight.base, bias, stride, padding, dilation, groups)
         if weight.route == "materialize":
             _check_batch(weight, batch, name)
             # Per-example weights as one grouped convolution over the examples stacked on channels.
@@ -289,7 +293,7 @@ def _conv_route(conv: Callable[..., torch.Tensor], name: str) -> Callable[..., A
             kernel_a = kernel_a.repeat(groups, *([1] * (n + 1)))
         h = conv(input, kernel_a, None, stride, padding, dilation, groups)  # (batch, groups*K*r, *spatial)
         spatial = h.shape[2:]
-        h = h.reshape(batch, groups, K, r, -1)
+        h = h.reshape(batch, groups, K, r, spatial.numel())
         pick = idx.view(batch, 1, 1, 1, 1).expand(batch, groups, 1, r, h.shape[-1])
         h = h.gather(2, pick).squeeze(2) * s.view(batch, 1, 1, 1)  # (batch, groups, r, P)
         Bg = weight.B.to(weight.base.dtype)[idx].reshape(batch, groups, out_g, r)
@@ -324,7 +328,8 @@ def _embedding(
         idx, s = _picked(weight, batch, "F.embedding")
         dt = weight.base.dtype
         A, r = weight.A.to(dt)[idx], weight.A.shape[1]  # (batch, r, dim)
-        rows = weight.B.to(dt)[idx.view(batch, *([1] * (input.dim() - 1))), input].reshape(batch, -1, r)
+        tokens = input.shape[1:].numel()
+        rows = weight.B.to(dt)[idx.view(batch, *([1] * (input.dim() - 1))), input].reshape(batch, tokens, r)
         delta = torch.bmm(rows * s.view(batch, 1, 1), A).reshape(*input.shape, A.shape[-1])
         out = F.embedding(input, weight.base, padding_idx) + delta
         if padding_idx is None:

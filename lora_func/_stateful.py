@@ -293,6 +293,8 @@ def _install_fast_forward(module: nn.Module, param_name: str) -> None:
 def _fast_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
     """The layer's forward with its weight as a :class:`~lora_func.LoRAWeight` (factored when cheaper)."""
     original = type(self).__bases__[0]
+    if not P.is_parametrized(self, "weight"):
+        return original.forward(self, input)  # type: ignore[no-any-return, attr-defined]
     chain = _chain(self, "weight")
     lora = chain[0]
     if len(chain) != 1 or not isinstance(lora, LoRAParam):
@@ -361,5 +363,7 @@ def remove_lora(
     requires_grad = lora.base_requires_grad
     _own_class(module)
     P.remove_parametrizations(module, param_name, leave_parametrized=merge)
+    if P.is_parametrized(module) and type(module).__dict__.get("forward") is _fast_forward and param_name == "weight":
+        del type(module).forward  # other tensors keep parametrizations: back to the layer's own forward
     if requires_grad is not None:
         getattr(module, param_name).requires_grad_(requires_grad)

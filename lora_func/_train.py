@@ -207,6 +207,8 @@ def assign_grads(tree: Any, grads: Any) -> None:
     for p, g in zip(params, gs, strict=True):
         if p.shape != g.shape:
             raise ValueError(f"{where}: a gradient has shape {tuple(g.shape)} but its leaf has {tuple(p.shape)}")
+        if p.device != g.device:
+            raise ValueError(f"{where}: a gradient is on {g.device} but its leaf is on {p.device}")
     for p, g in zip(params, gs, strict=True):
         p.grad = g.detach().to(p.dtype)
 

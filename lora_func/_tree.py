@@ -86,8 +86,10 @@ class LoRA:
             if not math.isfinite(scaling):
                 raise ValueError(f"LoRA: scaling must be a finite number, got {scaling}")
             scaling = torch.tensor(float(scaling), dtype=_scaling_dtype(A.dtype), device=A.device)
-        elif scaling.device != A.device and not (scaling.dim() == 0 and scaling.device.type == "cpu"):
-            raise ValueError(f"LoRA: scaling is on {scaling.device} but A and B are on {A.device}")
+        elif scaling.device != A.device:
+            if not (scaling.dim() == 0 and scaling.device.type == "cpu"):
+                raise ValueError(f"LoRA: scaling is on {scaling.device} but A and B are on {A.device}")
+            scaling = scaling.to(A.device)  # a CPU scalar goes where the factors are (stack needs one device)
         shape = _as_shape(shape, "LoRA: shape")
         _check_factors(A, B, scaling, shape, "LoRA")
         _set(self, A, B, scaling, shape)

@@ -196,7 +196,7 @@ class LoRAWeight(torch.Tensor):
                     return out
             elif func == _REQUIRES_GRAD:  # whether gradients flow through it (to A, B or base)
                 w = args[0]
-                return w.base.requires_grad or w.A.requires_grad or w.B.requires_grad
+                return w.base.requires_grad or w.A.requires_grad or w.B.requires_grad or _scaling_grad(w.scaling)
             elif func in _METADATA or (func.__name__ == "__get__" and func not in _VALUE_GETTERS):
                 return func(*args, **kwargs)
             args, kwargs = tree_map_only(LoRAWeight, LoRAWeight.materialize, (args, kwargs))
@@ -228,6 +228,10 @@ def _make(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.T
     return self  # type: ignore[no-any-return]
 
 
+def _scaling_grad(scaling: Any) -> bool:
+    return isinstance(scaling, torch.Tensor) and scaling.requires_grad
+
+
 def check_fit(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, where: str) -> None:
     """A ``ValueError`` naming ``where`` unless ``A``, ``B`` and ``scaling`` fit ``base``."""
     if not isinstance(scaling, torch.Tensor) or scaling.dim() != 0:
@@ -236,8 +240,10 @@ def check_fit(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: tor
         raise ValueError(f"{where}: base has shape {tuple(base.shape)}; LoRA needs a 2- to 5-D weight")
     if not base.dtype.is_floating_point:
         raise TypeError(f"{where}: base must have a floating-point dtype, got {base.dtype}")
-    if base.device != A.device:
-        raise ValueError(f"{where}: base is on {base.device} but the adapter is on {A.device}; move one of them")
+    if base.device != A.device or B.device != A.device:
+        raise ValueError(f"{where}: base is on {base.device}, A on {A.device} and B on {B.device}; put them together")
+    if not (A.dtype.is_floating_point and B.dtype.is_floating_point):
+        raise TypeError(f"{where}: A and B must have floating-point dtypes, got {A.dtype} and {B.dtype}")
     out, in_flat = base.shape[0], _prod(base.shape[1:])
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
         raise ValueError(f"{where}: A {tuple(A.shape)} and B {tuple(B.shape)} are not (r, in) and (out, r) factors")
