@@ -82,9 +82,10 @@ def save(
 
     Raises:
         TypeError: if ``adapters`` is not a LoRA or a mapping of names to LoRA (with
-            tensor leaves), or ``metadata`` is not a dict of strings to JSON-serialisable
-            values.
-        ValueError: if an adapter is on the meta device (it holds no values).
+            tensor leaves), ``path`` is not a path, or ``metadata`` is not a dict of strings
+            to JSON values that load back unchanged.
+        ValueError: if an adapter is on the meta device (it holds no values), or its
+            scaling is not finite.
         OSError: if the file cannot be written (the old file, if any, is kept).
 
     Example:
@@ -104,10 +105,21 @@ def save(
         metadata = {}
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
         raise TypeError(f"{where}: metadata must be a dict from strings to JSON-serialisable values, got {metadata!r}")
+    try:  # what load_metadata will give back must be what was given: no int keys turned into str, no tuples
+        same = json.loads(json.dumps(dict(metadata), allow_nan=False)) == dict(metadata)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{where}: metadata must hold only JSON-serialisable values ({err})") from None
+    if not same:
+        raise TypeError(
+            f"{where}: metadata would not load back as given (JSON has only str keys, lists and finite numbers): "
+            f"{metadata!r}"
+        )
     header: dict[str, Any] = {"format": "lora_func.adapters", "version": FORMAT_VERSION, "kind": kind, "adapters": {}}
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for name, lora in named.items():
+        if not bool(torch.isfinite(lora.scaling).all()):
+            raise ValueError(f"{where}: adapter {name!r} has a non-finite scaling {lora.scaling.tolist()}")
         header["adapters"][name] = {
             "shape": list(lora.shape),
             "r": lora.r,
@@ -121,18 +133,30 @@ def save(
             storages.add(t.untyped_storage().data_ptr())
             tensors[_key(name, leaf)] = t.cpu()
     header["metadata"] = dict(metadata)
-    try:
-        text = json.dumps(header, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{where}: metadata must hold only JSON-serialisable values ({err})") from None
+    text = json.dumps(header, allow_nan=False)
     data = _st_save(tensors, metadata={HEADER_KEY: text})
     _atomic_write(target, data)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+def _file_mode(path: str) -> int:
+    """The mode a plain ``open(path, "wb")`` would leave: the old file's, or 0o666 less the umask."""
     try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file in the same folder,
+    flushed and synced, then renamed over ``path``; a failure leaves the old file as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    mode = _file_mode(path)
+    # A short fixed prefix: any name that fits the file system still fits with it.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lora_func.", suffix=".tmp")
+    try:
+        os.chmod(tmp, mode)  # mkstemp makes 0o600 files; keep the mode a plain write would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -113,3 +113,34 @@ def test_lora_weight_requires_grad_when_only_scaling_does() -> None:
     assert w.requires_grad
     out = functional_call(nn.Linear(3, 4, bias=False), {"weight": w}, (torch.ones(1, 3),))
     assert out.requires_grad
+
+
+def test_saved_files_get_the_mode_a_plain_write_gives(tmp_path) -> None:
+    import os
+    import stat
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    path = tmp_path / "a.safetensors"
+    lora_func.save(lora_func.init((4, 3), r=2), path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+    os.chmod(path, 0o640)
+    lora_func.save(lora_func.init((4, 3), r=2), path)  # overwriting keeps the file's mode
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+def test_a_long_file_name_that_fits_the_file_system_saves(tmp_path) -> None:
+    path = tmp_path / ("x" * 230 + ".safetensors")
+    lora_func.save(lora_func.init((4, 3), r=2), path)
+    assert lora_func.load(path).shape == (4, 3)
+
+
+def test_metadata_must_load_back_as_given(tmp_path) -> None:
+    adapters = lora_func.init((4, 3), r=2)
+    with pytest.raises(TypeError, match="would not load back as given"):
+        lora_func.save(adapters, tmp_path / "a.safetensors", metadata={"m": {1: "a"}})
+    with pytest.raises(TypeError, match="would not load back as given"):
+        lora_func.save(adapters, tmp_path / "a.safetensors", metadata={"t": (1, 2)})
+    with pytest.raises(ValueError, match="non-finite scaling"):
+        lora_func.save(adapters.replace(scaling=torch.tensor(float("nan"))), tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
