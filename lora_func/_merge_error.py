@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ._bridge import _lora_modules, get_adapters
+from ._files import _check
 from ._stateful import remove_lora
 from ._targets import base_params, effective_params, lora_params
 from ._tree import LoRA
@@ -55,6 +56,11 @@ def merge_error(model: nn.Module, adapters: Mapping[str, LoRA] | None = None, in
     where = "merge_error(model, adapters, inputs)"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    if adapters is not None and not isinstance(adapters, Mapping):
+        raise TypeError(f"{where}: adapters must be a mapping of names to LoRA, got {type(adapters).__name__}")
+    wrong = {k: type(v).__name__ for k, v in (adapters or {}).items() if not isinstance(v, LoRA)}
+    if wrong:
+        raise TypeError(f"{where}: adapters must map names to lora_func.LoRA; got {wrong}")
     plain = model
     if _lora_modules(model):
         if adapters is None:
@@ -62,10 +68,11 @@ def merge_error(model: nn.Module, adapters: Mapping[str, LoRA] | None = None, in
         plain = copy.deepcopy(model)
         for sub, pname, _ in _lora_modules(plain).values():
             remove_lora(sub, pname, merge=False)
-    if adapters is None or not isinstance(adapters, Mapping) or not adapters:
+    if not adapters:
         raise ValueError(f"{where}: no adapters: give adapters, or a model prepared with apply_lora")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     params = base_params(plain)
+    _check(adapters, params, where, missing=False, dtypes=False)  # names and shapes, before any forward
     with torch.no_grad():
         merged = functional_call(plain, effective_params(params, adapters), args)
         unmerged = functional_call(plain, lora_params(params, adapters, mode="factored"), args)

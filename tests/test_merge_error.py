@@ -64,3 +64,13 @@ def test_errors() -> None:
         lora_func.merge_error(lambda x: x, {}, torch.ones(1))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no adapters"):
         lora_func.merge_error(torch.nn.Linear(2, 2), None, torch.ones(1, 2))
+
+
+def test_adapter_errors_name_merge_error() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    with pytest.raises(TypeError, match=r"merge_error.*adapters must be a mapping"):
+        lora_func.merge_error(model, [lora_func.init((4, 3), r=1)], torch.ones(1, 3))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"merge_error.*must map names to lora_func\.LoRA"):
+        lora_func.merge_error(model, {"0.weight": "x"}, torch.ones(1, 3))  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match=r"merge_error.*0\.wieght"):
+        lora_func.merge_error(model, {"0.wieght": lora_func.init((4, 3), r=1)}, torch.ones(1, 3))
