@@ -170,7 +170,9 @@ def add(a: Any, b: Any) -> Any:
     :func:`truncate` to bring the rank back down.
 
     The adapters may differ in rank, scaling and dtype (the result's factors take the
-    promoted dtype). Stacked adapters work too: the leading dimensions of ``a`` and ``b``
+    promoted dtype). "Exact" is in exact arithmetic: in floating point, ``scaling · B`` is
+    rounded once to the factors' dtype (about 1e-3 relative for bfloat16, 1e-7 for float32).
+    Stacked adapters work too: the leading dimensions of ``a`` and ``b``
     broadcast, so a single adapter can be added to each adapter of a stack.
 
     Args:
@@ -311,7 +313,8 @@ def weighted_sum(stacked: Any, weights: torch.Tensor | Sequence[float], *, rank:
 
     ``delta(weighted_sum(s, w)) == sum_k w[k] * delta(s)[k]``, exactly: the ``K`` adapters'
     ranks are concatenated (rank ``K * r``) with ``w[k] * scaling[k]`` folded into each
-    ``B``, and the result has ``scaling`` 1. With ``rank=`` the sum is then cut to that
+    ``B``, and the result has ``scaling`` 1 (exact in exact arithmetic: ``w[k] * scaling[k] *
+    B`` is rounded once to the factors' dtype). With ``rank=`` the sum is then cut to that
     rank by :func:`truncate` (the best approximation of that rank).
 
     Dimensions after the first are kept: a stack of shape ``(K, J)`` gives adapters

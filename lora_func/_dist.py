@@ -3,7 +3,7 @@
 Each rank computes gradients of the same adapter tree on its own shard of the data;
 :func:`all_reduce_grads` averages them, so that every rank applies the same update and
 keeps identical adapters. No communication layer of our own: one ``all_reduce`` per
-dtype, on a flat buffer.
+dtype and device, on a flat buffer.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def all_reduce_grads(tree: Any, *, op: str = "mean", group: Any = None) -> Any:
     """The element-wise mean (or sum) of a gradient tree over all ranks of a process group.
 
     A new tree is returned; ``tree`` is not modified. Leaves are packed into one flat
-    buffer per dtype, so a tree of any size costs one collective per dtype.
+    buffer per dtype and device, so a tree of any size costs one collective for each.
 
     Args:
         tree: a pytree of tensors, e.g. the result of ``torch.func.grad`` with respect to an
@@ -35,7 +35,7 @@ def all_reduce_grads(tree: Any, *, op: str = "mean", group: Any = None) -> Any:
 
     Raises:
         ValueError: if ``op`` is unknown, or ``torch.distributed`` is not initialised.
-        TypeError: if a leaf is not a tensor.
+        TypeError: if a leaf is not a floating-point tensor.
 
     Example:
         Inside a process group (``torchrun``, or ``torch.distributed.init_process_group``)::
@@ -53,6 +53,8 @@ def all_reduce_grads(tree: Any, *, op: str = "mean", group: Any = None) -> Any:
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"all_reduce_grads: leaves must be tensors, got {type(leaf).__name__}")
+        if not leaf.is_floating_point():
+            raise TypeError(f"all_reduce_grads: gradients must be floating-point tensors, got {leaf.dtype}")
     world = dist.get_world_size(group)
     out: list[torch.Tensor | None] = [None] * len(leaves)
     by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}

@@ -166,14 +166,18 @@ def pretrain(
         x: images; y: labels.
         steps: Adam steps; batch: batch size; lr: learning rate.
         seed: seeds the batches.
-        cache: a ``.pt`` file: loaded if it exists, written after training otherwise.
+        cache: a ``.pt`` file: loaded if it exists and reads back, written after training
+            otherwise (whole or not at all: a temporary file renamed into place).
 
     Returns:
         Whether the weights came from the cache.
     """
     if cache is not None and cache.exists():
-        model.load_state_dict(torch.load(cache, map_location=x.device, weights_only=True))
-        return True
+        try:
+            model.load_state_dict(torch.load(cache, map_location=x.device, weights_only=True))
+            return True
+        except (RuntimeError, EOFError, OSError, KeyError):  # unreadable or from another model: retrain
+            pass
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -184,7 +188,9 @@ def pretrain(
         opt.step()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), cache)
+        partial = cache.with_name(cache.name + ".partial")
+        torch.save(model.state_dict(), partial)
+        partial.replace(cache)
     return False
 
 

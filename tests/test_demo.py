@@ -227,3 +227,15 @@ def test_module_imports_without_the_demo_extra() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "torch.Size([16, 1, 3, 3])"
+
+
+def test_a_corrupt_pretraining_cache_is_retrained_not_fatal(tmp_path) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
+    cache = tmp_path / "cache" / "base.pt"
+    cache.parent.mkdir()
+    cache.write_bytes(b"PK\x03\x04 truncated")
+    model = demo.make_model()
+    assert demo.pretrain(model, x, y, steps=2, batch=4, cache=cache) is False  # retrained
+    assert demo.pretrain(demo.make_model(), x, y, steps=2, batch=4, cache=cache) is True  # and rewritten whole
+    assert not list(cache.parent.glob("*.partial"))
