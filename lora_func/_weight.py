@@ -199,6 +199,7 @@ class LoRAWeight(torch.Tensor):
                 return w.base.requires_grad or w.A.requires_grad or w.B.requires_grad or _scaling_grad(w.scaling)
             elif func in _METADATA or (func.__name__ == "__get__" and func not in _VALUE_GETTERS):
                 return func(*args, **kwargs)
+            _refuse_writes(func, args, kwargs)
             args, kwargs = tree_map_only(LoRAWeight, LoRAWeight.materialize, (args, kwargs))
             return func(*args, **kwargs)
 
@@ -226,6 +227,21 @@ def _make(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.T
     self.scaling = scaling
     self.route = mode
     return self  # type: ignore[no-any-return]
+
+
+def _refuse_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A ``ValueError`` for an in-place op on a LoRAWeight or one writing into it (``out=``).
+
+    Any other op sees a merged copy; a write would go into that copy and be lost silently.
+    """
+    name = getattr(func, "__name__", "")
+    writes = (
+        name.endswith("_") and not name.startswith("__") and name not in ("requires_grad_", "retain_grad")
+    ) or name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__")
+    if (writes and args and isinstance(args[0], LoRAWeight)) or isinstance(kwargs.get("out"), LoRAWeight):
+        raise ValueError(
+            f"LoRAWeight: {name or func} would write into an implicit weight; change its base, A or B instead"
+        )
 
 
 def _scaling_grad(scaling: Any) -> bool:

@@ -144,3 +144,15 @@ def test_metadata_must_load_back_as_given(tmp_path) -> None:
     with pytest.raises(ValueError, match="non-finite scaling"):
         lora_func.save(adapters.replace(scaling=torch.tensor(float("nan"))), tmp_path / "a.safetensors")
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_writes_into_a_lora_weight_are_refused_not_lost() -> None:
+    w = lora_func.lora_params({"w": torch.randn(4, 3)}, {"w": lora_func.init((4, 3), r=2, init="gaussian")})["w"]
+    before = w.materialize()
+    for write in (lambda: w.add_(1.0), lambda: torch.nn.init.zeros_(w), lambda: w.copy_(torch.zeros(4, 3))):
+        with pytest.raises(ValueError, match="would write into an implicit weight"):
+            write()
+    with pytest.raises(ValueError, match="would write into an implicit weight"):
+        torch.add(torch.ones(4, 3), 1.0, out=w)
+    assert torch.equal(w.materialize(), before)
+    assert torch.equal(w + 1.0, before + 1.0)  # out-of-place ops still see the merged weight
