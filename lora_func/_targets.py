@@ -157,11 +157,13 @@ def init_adapters(
             f"{where}: targets match parameters LoRA cannot adapt (it needs 2- to 5-D weights): {bad}; "
             "narrow the pattern, e.g. '*.weight'"
         )
+    ints = {n: str(params[n].dtype) for n in names if not params[n].dtype.is_floating_point}
+    if ints:
+        raise TypeError(f"{where}: targets match parameters that are not floating-point: {ints}")
     out = {}
     for n in names:
         p = params[n]
-        dt = dtype if dtype is not None else p.dtype if p.dtype.is_floating_point else None
-        out[n] = init_one(p.shape, r, alpha, init, generator=generator, device=p.device, dtype=dt)
+        out[n] = init_one(p.shape, r, alpha, init, generator=generator, device=p.device, dtype=dtype or p.dtype)
     return out
 
 

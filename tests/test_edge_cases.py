@@ -156,3 +156,9 @@ def test_writes_into_a_lora_weight_are_refused_not_lost() -> None:
         torch.add(torch.ones(4, 3), 1.0, out=w)
     assert torch.equal(w.materialize(), before)
     assert torch.equal(w + 1.0, before + 1.0)  # out-of-place ops still see the merged weight
+
+
+def test_init_adapters_refuses_integer_targets() -> None:
+    params = {"w": torch.ones(4, 3, dtype=torch.int64), "v": torch.ones(4, 3)}
+    with pytest.raises(TypeError, match=r"init_adapters: targets match parameters that are not floating-point"):
+        lora_func.init_adapters(params, "*")
