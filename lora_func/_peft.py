@@ -15,17 +15,19 @@ Embedding              ``B.T`` (r, num_embeddings)           ``A.T`` (embedding_
 =====================  ====================================  ====================================
 
 (``fan_in_fan_out`` is for weights stored as ``(in, out)``, such as the ``Conv1D`` of
-GPT-2 in ``transformers``.) Every conversion rebuilds the weight update from the
-converted tensors, the way PEFT computes it, and compares it with the adapter's own
-(:func:`~lora_func.delta`) before returning.
+GPT-2 in ``transformers``.) Every conversion applies the weight update held by the
+converted tensors, combined the way PEFT combines them, to random probe vectors and
+compares the result with the adapter's own ``scaling * B @ (A @ v)`` before returning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -35,8 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save as _st_save
 from torch import nn
 
-from ._files import _atomic_write, _check
-from ._math import delta
+from ._files import _check
 from ._tree import LoRA, _scaling_dtype
 
 __all__ = ["export_peft", "from_state_dict", "import_peft", "to_state_dict"]
@@ -54,46 +55,76 @@ _NEUTRAL = {
 }  # fmt: skip
 #: Config fields that are read.
 _READ = {"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias"}
-#: Initialisations that leave the base weights as they are (the others, PiSSA, OLoRA, LoftQ,
-#: ..., change the base model, which an adapter alone cannot carry).
-_PLAIN_INITS = (True, False, "gaussian")
-
-
-def _peft_delta(kind: str, pa: torch.Tensor, pb: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The weight update PEFT computes from its tensors, in float64."""
-    pa, pb = pa.double(), pb.double()
-    if kind == "conv":
-        return (pb.flatten(1) @ pa.flatten(1)).view(pb.shape[0], *pa.shape[1:]) * scaling
-    product = pb @ pa
-    return (product.T if kind in ("embedding", "fan_in_fan_out") else product) * scaling
+#: Initialisations that leave the base weights as they are ("orthogonal" draws A and B from
+#: orthogonal halves of one basis, so that B @ A = 0); the others, PiSSA, OLoRA, LoftQ, ...,
+#: change the base model, which an adapter alone cannot carry.
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal")
 
 
 def _verify(lora: LoRA, kind: str, pa: torch.Tensor, pb: torch.Tensor, scaling: float, where: str, name: str) -> None:
-    ours = delta(LoRA(lora.A.double(), lora.B.double(), lora.scaling.double(), lora.shape))
-    theirs = _peft_delta(kind, pa, pb, scaling)
-    # Both sides are sums of the same float64 products in possibly different orders.
-    tol = 1e-9 * float(ours.abs().max()) + 1e-300
-    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-9, atol=tol):
+    """Checks that PEFT's tensors ``pa``, ``pb`` compute the update ``lora`` computes.
+
+    Not a second copy of the LoRA formula: the right-hand side reads the tensors the way
+    PEFT's ``get_delta_weight`` combines them (conv kernels flattened after the output
+    channel, the transposed product for embeddings and ``fan_in_fan_out``), in PEFT's
+    layout, and both sides act on a few random probe vectors rather than being
+    materialised, so the check costs ``O((in + out) * r)`` per weight.
+    """
+    if kind == "conv":
+        shape = (pb.shape[0], *pa.shape[1:])
+    elif kind == "linear":
+        shape = (pb.shape[0], pa.shape[1])
+    else:  # PEFT stores the (in, out) product and transposes it: the weight is (pa's in, pb's out)
+        shape = (pa.shape[1], pb.shape[0])
+    A, B = lora.A.double(), lora.B.double()
+    probe = torch.randn(A.shape[-1], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(A.device)
+    ours = float(lora.scaling) * (B @ (A @ probe))
+    bound = abs(float(lora.scaling)) * (B.abs() @ (A.abs() @ probe.abs()))
+    pa, pb = pa.double().to(A.device), pb.double().to(A.device)
+    if kind == "conv":  # delta[o, i, k...] = sum_r pb[o, r, 1...] * pa[r, i, k...]
+        theirs = scaling * (pb.flatten(1) @ (pa.flatten(1) @ probe))
+    elif kind == "linear":  # delta = pb @ pa
+        theirs = scaling * (pb @ (pa @ probe))
+    else:  # delta = (pb @ pa).T = pa.T @ pb.T
+        theirs = scaling * (pa.T @ (pb.T @ probe))
+    # Sums of the same float64 products, possibly in other orders: far below 1e-9 of the
+    # sum of their magnitudes (``bound``); a wrong layout is off by the size of the update.
+    if tuple(shape) != lora.shape or not bool(((ours - theirs).abs() <= 1e-9 * bound + 1e-300).all()):
         raise ValueError(f"{where}: converting {name!r} changed its weight update; this is a bug in lora_func")
 
 
-def _kind_of(module: nn.Module | None, lora: LoRA, where: str, name: str) -> str:
-    if module is None:
-        return "linear" if len(lora.shape) == 2 else "conv"
+def _kind_of(module: nn.Module, where: str, label: str) -> str:
+    """PEFT's layer kind for ``module``: embedding, linear, conv or fan_in_fan_out."""
     if isinstance(module, nn.Embedding):
         return "embedding"
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if module.groups != 1:
-            raise ValueError(f"{where}: adapters[{name!r}] is on a grouped convolution, which PEFT's LoRA cannot hold")
+            raise ValueError(f"{where}: {label} is on a grouped convolution, which PEFT's LoRA cannot hold")
         return "conv"
     if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
         return "fan_in_fan_out"
     raise ValueError(
-        f"{where}: adapters[{name!r}] is on a {type(module).__name__}; PEFT's LoRA targets Linear, Conv1d/2d/3d, "
+        f"{where}: {label} is on a {type(module).__name__}; PEFT's LoRA targets Linear, Conv1d/2d/3d, "
         "Embedding and transformers' Conv1D"
     )
+
+
+def _stage(path: str, data: bytes) -> str:
+    """Writes ``data`` to a new temporary file next to ``path`` (flushed to disk); returns its name."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def export_peft(
@@ -141,6 +172,8 @@ def export_peft(
     where = "export_peft(adapters, directory)"
     if not isinstance(adapters, Mapping):
         raise TypeError(f"{where}: adapters must be a mapping of names to LoRA, got {type(adapters).__name__}")
+    if not adapters:
+        raise ValueError(f"{where}: adapters is empty; a PEFT adapter needs at least one target module")
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
@@ -156,8 +189,10 @@ def export_peft(
             raise ValueError(f"{where}: adapters[{name!r}]: PEFT adapts a module's weight; names must end in '.weight'")
         if lora.batch_shape:
             raise ValueError(f"{where}: adapters[{name!r}] is stacked; export one with lora_func.unstack(adapters)[i]")
-        module = model.get_submodule(modname) if model is not None else None
-        kind = _kind_of(module, lora, where, name)
+        if model is not None:
+            kind = _kind_of(model.get_submodule(modname), where, f"adapters[{name!r}]")
+        else:
+            kind = "linear" if len(lora.shape) == 2 else "conv"
         A, B = lora.A.detach(), lora.B.detach()
         if kind == "conv":
             pa, pb = A.reshape(lora.r, *lora.shape[1:]), B.reshape(*B.shape, *[1] * (len(lora.shape) - 2))
@@ -178,7 +213,7 @@ def export_peft(
             f"{where}: adapters mix transformers' Conv1D targets with Linear/conv ones; PEFT's fan_in_fan_out is "
             "one setting per adapter: export them separately"
         )
-    (r, alpha), _ = Counter(ranks.values()).most_common(1)[0] if ranks else ((8, 8.0), 0)
+    (r, alpha), _ = Counter(ranks.values()).most_common(1)[0]
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     if len(set(ranks.values())) > 1:
@@ -207,8 +242,30 @@ def export_peft(
     }
     folder = os.fspath(directory)
     os.makedirs(folder, exist_ok=True)
-    _atomic_write(os.path.join(folder, WEIGHTS_NAME), _st_save(tensors, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(folder, CONFIG_NAME), (json.dumps(config, indent=2) + "\n").encode())
+    # Both files are written in full under temporary names before either replaces its old
+    # version, so a failed write (a full disk) leaves the directory as it was, never new
+    # weights with an old config. Only the two renames remain, the weights last.
+    contents = {
+        CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
+        WEIGHTS_NAME: _st_save(tensors, metadata={"format": "pt"}),
+    }
+    staged: dict[str, str] = {}
+    try:
+        for filename, data in contents.items():
+            staged[filename] = _stage(os.path.join(folder, filename), data)
+        for filename, tmp in list(staged.items()):
+            os.replace(tmp, os.path.join(folder, filename))
+            del staged[filename]
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    with contextlib.suppress(OSError):  # make the renames durable where the platform allows it
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -225,7 +282,9 @@ def _read_config(path: str, where: str) -> dict[str, Any]:
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{where}: cannot read PEFT config {path!r} ({err})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: {path!r} is not a PEFT LoRA config (a JSON {type(config).__name__}, not an object)")
+    if config.get("peft_type") != "LORA":
         raise ValueError(f"{where}: {path!r} is not a PEFT LoRA config (peft_type {config.get('peft_type')!r})")
     unsupported = {
         k: v
@@ -244,7 +303,12 @@ def _read_config(path: str, where: str) -> dict[str, Any]:
     return config
 
 
-def import_peft(directory: str | os.PathLike[str], *, device: torch.device | str | None = None) -> dict[str, LoRA]:
+def import_peft(
+    directory: str | os.PathLike[str],
+    *,
+    model: nn.Module | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, LoRA]:
     """Reads a PEFT LoRA adapter directory (as written by ``save_pretrained``) into adapters.
 
     Linear, Conv1d/2d/3d, Embedding and ``fan_in_fan_out`` (transformers' ``Conv1D``)
@@ -254,9 +318,18 @@ def import_peft(directory: str | os.PathLike[str], *, device: torch.device | str
     Anything plain LoRA cannot hold (DoRA, LoRA biases, trained full modules, other
     variants, initialisations that change the base model) is an error, never dropped.
 
+    Without ``model``, a 2-D pair is laid out as the config's one ``fan_in_fan_out``
+    flag says. PEFT itself decides per module (``True`` for ``Conv1D``, ``False`` for
+    ``nn.Linear``, whatever the config says) and saves the value it set last, so an
+    adapter that targets both ``Conv1D`` and ``nn.Linear`` modules (or whose flag
+    disagrees with its modules) is read correctly only with ``model=``.
+
     Args:
         directory: the folder holding ``adapter_config.json`` and
             ``adapter_model.safetensors``.
+        model: the base model. With it, each target's layout comes from its module
+            (``nn.Linear``, ``Conv1d/2d/3d``, ``nn.Embedding`` or ``transformers``'
+            ``Conv1D``), as in PEFT, and the adapters are checked against it.
         device: where to put the tensors (default: the CPU).
 
     Returns:
@@ -267,7 +340,10 @@ def import_peft(directory: str | os.PathLike[str], *, device: torch.device | str
     Raises:
         FileNotFoundError: if the directory lacks either file.
         ValueError: for an unreadable file, an unsupported feature, an unknown tensor,
-            or a file whose ranks disagree with its config; the message names the file.
+            or a file whose ranks disagree with its config (the message names the file);
+            or, with ``model``, a target the model lacks, cannot hold, or has in
+            another shape.
+        TypeError: if ``model`` is not an ``nn.Module``.
 
     Example:
         >>> import tempfile, torch, lora_func
@@ -279,6 +355,8 @@ def import_peft(directory: str | os.PathLike[str], *, device: torch.device | str
         (True, (4, 3, 3, 3), 2.0)
     """
     where = "import_peft(directory)"
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
     folder = os.fspath(directory)
     config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(config_path):
@@ -327,7 +405,20 @@ def import_peft(directory: str | os.PathLike[str], *, device: torch.device | str
         if "A" not in entry or "B" not in entry:
             raise ValueError(f"{where}: {weights_path!r} has only one of the two factors of {modname!r}")
         pa, pb = entry["A"], entry["B"]
-        if entry["family"] == "embedding":
+        if model is not None:
+            try:
+                module = model.get_submodule(modname)
+            except AttributeError:
+                raise ValueError(
+                    f"{where}: {weights_path!r} adapts {modname!r}, which the model does not have"
+                ) from None
+            kind = _kind_of(module, where, f"{weights_path!r}: {modname!r}")
+            if (kind == "embedding") != (entry["family"] == "embedding"):
+                raise ValueError(
+                    f"{where}: {weights_path!r}: {modname!r} is a {type(module).__name__} in the model but its "
+                    f"factors are stored as {'an embedding' if entry['family'] == 'embedding' else 'a matrix'}'s"
+                )
+        elif entry["family"] == "embedding":
             kind = "embedding"
         elif pa.dim() == 2:
             kind = "fan_in_fan_out" if fan_in_fan_out else "linear"
@@ -339,6 +430,7 @@ def import_peft(directory: str | os.PathLike[str], *, device: torch.device | str
             or pa.dim() != pb.dim()
             or pb.shape[1] != r
             or (kind == "conv" and any(d != 1 for d in pb.shape[2:]))
+            or (kind != "conv" and pa.dim() != 2)
         ):
             raise ValueError(
                 f"{where}: {weights_path!r}: factors of {modname!r} have shapes {tuple(pa.shape)} and "
@@ -361,6 +453,8 @@ def import_peft(directory: str | os.PathLike[str], *, device: torch.device | str
         if device is not None:
             lora = LoRA(lora.A.to(device), lora.B.to(device), lora.scaling.to(device), lora.shape)
         out[name] = lora
+    if model is not None:
+        _check(out, model, where, missing=False, dtypes=False)
     return out
 
 

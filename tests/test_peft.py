@@ -330,3 +330,168 @@ def test_state_dict_errors():
         lora_func.to_state_dict({"0.weight": lora_func.stack([adapters["0.weight"]] * 2)})
     with pytest.raises(ValueError, match=r"is for shape \(4, 3, 3, 3\) but base_state_dict has \(2, 36\)"):
         lora_func.to_state_dict({"0.weight": adapters["0.weight"]}, {"0.weight": plain["2.weight"]})
+
+
+# --- per-module layouts, the conversion check, and edge cases -----------------------------------
+
+
+class _ConvAndLinear(nn.Module):
+    """A transformers Conv1D (weight stored (in, out)) and an nn.Linear, both square."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        self.c = Conv1D(6, 6)
+        self.l = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.l(torch.tanh(self.c(x)))
+
+
+def test_import_with_model_takes_each_layout_from_its_module(tmp_path):
+    # Square weights, so shapes cannot tell the layouts apart. PEFT sets fan_in_fan_out per
+    # module (True for Conv1D, False for Linear) and saves whichever value it set last.
+    torch.manual_seed(0)
+    base = _ConvAndLinear().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns as it flips fan_in_fan_out per module
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["c", "l"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    model.save_pretrained(tmp_path)
+    adapters = lora_func.import_peft(tmp_path, model=base)
+    x = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        torch.testing.assert_close(_ours(base, adapters, (x,)), expected, **TOL)
+        torch.testing.assert_close(_reference(base, adapters, (x,)), expected, **TOL)
+        # The config's one flag cannot describe both modules: without the model one is wrong.
+        blind = lora_func.import_peft(tmp_path)
+        assert not torch.allclose(_ours(base, blind, (x,)), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_import_with_model_errors(tmp_path):
+    base = _net()
+    lora_func.export_peft(_random_adapters(base, {"lin.weight": 2, "emb.weight": 2}, {"lin.weight": 2.0,
+                          "emb.weight": 2.0}, 0), tmp_path, model=base)  # fmt: skip
+    with pytest.raises(TypeError, match=r"import_peft\(directory\): model must be an nn.Module, got dict"):
+        lora_func.import_peft(tmp_path, model={})
+    with pytest.raises(
+        ValueError, match=r"import_peft\(directory\): .* adapts '(lin|emb)', which the model does not have"
+    ):
+        lora_func.import_peft(tmp_path, model=nn.Module())
+    swapped = nn.Module()
+    swapped.lin, swapped.emb = nn.Embedding(6, 5), nn.Linear(10, 6)
+    with pytest.raises(ValueError, match=r"'emb' is a Linear in the model but its factors are stored as an embedding"):
+        lora_func.import_peft(tmp_path, model=swapped)
+    odd = nn.Module()
+    odd.lin, odd.emb = nn.Bilinear(6, 6, 5), nn.Embedding(10, 6)
+    with pytest.raises(ValueError, match=r"'lin' is on a Bilinear; PEFT's LoRA targets"):
+        lora_func.import_peft(tmp_path, model=odd)
+    small = nn.Module()
+    small.lin, small.emb = nn.Linear(6, 4), nn.Embedding(10, 6)
+    with pytest.raises(ValueError, match=r"import_peft\(directory\): adapters\['lin.weight'\] is for shape \(5, 6\)"):
+        lora_func.import_peft(tmp_path, model=small)
+
+
+@pytest.mark.parametrize("kind", ["linear", "fan_in_fan_out", "embedding", "conv"])
+def test_conversion_check_catches_a_wrong_layout(kind):
+    g = torch.Generator().manual_seed(0)
+    shape = (5, 5, 3) if kind == "conv" else (5, 5)
+    lora = lora_func.LoRA(torch.randn(2, 5 * (3 if kind == "conv" else 1), generator=g, dtype=torch.float64),
+                          torch.randn(5, 2, generator=g, dtype=torch.float64), torch.tensor(0.5), shape)  # fmt: skip
+    if kind == "conv":
+        right = (lora.A.view(2, 5, 3), lora.B.view(5, 2, 1))
+        wrong = (lora.A.view(2, 3, 5).transpose(1, 2), lora.B.view(5, 2, 1))  # kernel and channel axes swapped
+    elif kind == "linear":
+        right, wrong = (lora.A, lora.B), (lora.B.T, lora.A.T)
+    else:
+        right, wrong = (lora.B.T, lora.A.T), (lora.A, lora.B)
+    lora_func._peft._verify(lora, kind, *right, 0.5, "f(x)", "w")
+    with pytest.raises(ValueError, match=r"f\(x\): converting 'w' changed its weight update"):
+        lora_func._peft._verify(lora, kind, *wrong, 0.5, "f(x)", "w")
+    with pytest.raises(ValueError, match="changed its weight update"):  # and a wrong scaling
+        lora_func._peft._verify(lora, kind, *right, 0.5 * (1 + 1e-6), "f(x)", "w")
+
+
+def test_conversions_never_build_the_full_update(tmp_path):
+    """The check probes the update with vectors: no tensor of out x in elements is made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    adapters = {"w.weight": lora_func.init((256, 256), r=1, init="gaussian")}
+    with Largest():
+        lora_func.export_peft(adapters, tmp_path)
+        back = lora_func.import_peft(tmp_path)
+    assert torch.equal(back["w.weight"].A, adapters["w.weight"].A)
+    # The factors hold 256 numbers each (2 KiB as bytes); the full update would hold 65,536.
+    assert 0 < Largest.numel <= 256 * 8
+
+
+def test_orthogonal_init_is_plain_lora(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    config = peft.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights="orthogonal")
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        # B @ A = 0 up to PEFT's float32 QR (orthogonality to ~1e-7, factors ~0.1): the base is untouched.
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "orthogonal"
+    adapters = lora_func.import_peft(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(_ours(base, adapters, (x,)), model.eval()(x), **TOL)
+
+
+def test_config_that_is_not_an_object_is_a_value_error(tmp_path):
+    lora_func.export_peft({"lin.weight": lora_func.init((4, 3), r=1)}, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(
+        ValueError, match=r"import_peft\(directory\): '.*adapter_config.json' is not a PEFT LoRA config"
+    ):
+        lora_func.import_peft(tmp_path)
+
+
+def test_export_of_no_adapters_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"export_peft\(adapters, directory\): adapters is empty"):
+        lora_func.export_peft({}, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_export_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    import os
+
+    lora_func.export_peft({"lin.weight": lora_func.init((4, 3), r=1, init="gaussian")}, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_fdopen, calls = os.fdopen, []
+
+    def fdopen_failing_on_second_file(fd, *args, **kwargs):
+        calls.append(fd)
+        if len(calls) == 2:
+            os.close(fd)
+            raise OSError(28, "No space left on device")
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", fdopen_failing_on_second_file)
+    with pytest.raises(OSError, match="No space left"):
+        lora_func.export_peft({"lin.weight": lora_func.init((4, 3), r=2, init="gaussian")}, tmp_path)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no new file, no temporary left
+    assert lora_func.import_peft(tmp_path)["lin.weight"].r == 1
