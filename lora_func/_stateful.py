@@ -243,9 +243,7 @@ def apply_lora(
             f"{where}: device {dev} differs from the weight's device {base.device}; "
             "move the module first (module.to(device)) or leave device unset"
         )
-    if dtype is None:
-        dtype = base.dtype if base.dtype.is_floating_point else None
-    lora = LoRAParam(tuple(base.shape), r=r, alpha=alpha, init=init, device=base.device, dtype=dtype)
+    lora = LoRAParam(tuple(base.shape), r=r, alpha=alpha, init=init, device=base.device, dtype=dtype or base.dtype)
     lora.base_requires_grad = bool(original.requires_grad)
     _own_class(module)
     P.register_parametrization(module, param_name, lora)

@@ -298,7 +298,7 @@ def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
     A, B = weight.A, weight.B
     if weight.route != "factored":
         in_f, out_f = A.shape[-1], B.shape[-2]
-        tokens = input.numel() // in_f if in_f else 0
+        tokens = input.numel() // in_f
         if weight.route == "materialize" or tokens * (in_f + out_f) > out_f * in_f:
             return F.linear(input, weight.materialize(), bias)
     A, B = _factors(weight)
