@@ -1,4 +1,14 @@
-"""Shared test settings: hypothesis profiles and device parametrization."""
+"""Shared test settings: hypothesis profiles, and the devices the suite runs on.
+
+Every test either takes the ``device`` fixture, and so runs once on each available device
+(the CPU always, CUDA where it exists), or says why it does not with
+``@pytest.mark.device_independent("reason")`` (a module may say it once, in ``pytestmark``);
+tests of CUDA-only behaviour take ``@requires_cuda``. A test that does none of these fails
+with a message saying so, so that no test silently runs on the CPU alone.
+
+On CUDA, TF32 is switched off for the session: the tolerances of the float32 tests are derived
+from float32 rounding (``2**-24``), which TF32 (``2**-11``) would exceed by design.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +29,46 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 #: Devices the suite runs on: the CPU always, CUDA where it exists.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+if torch.cuda.is_available():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+#: Marks a test of CUDA-only behaviour; skipped without CUDA.
+requires_cuda = pytest.mark.cuda
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(scope="session", params=DEVICES)
 def device(request: pytest.FixtureRequest) -> str:
-    """Each available device in turn."""
+    """Each available device in turn (session scope: a plain string, safe under hypothesis)."""
     return request.param
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "device_independent(reason): runs once, not on each device; the reason says why"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if not isinstance(item, pytest.Function) or "device" in item.fixturenames:
+        return
+    mark = item.get_closest_marker("device_independent")
+    if mark is not None:
+        if not (mark.args and isinstance(mark.args[0], str) and mark.args[0].strip()):
+            pytest.fail(f"{item.nodeid}: device_independent needs a reason, as its first argument", pytrace=False)
+        return
+    if item.get_closest_marker("cuda") is None:
+        pytest.fail(
+            f"{item.nodeid} neither takes the `device` fixture nor is marked device_independent(reason) "
+            "or requires_cuda: say on which devices it runs",
+            pytrace=False,
+        )
