@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,6 +145,7 @@ def test_routes_put_nothing_on_another_device(device: str) -> None:
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
+@pytest.mark.device_independent("the script's CPU smoke mode; the script itself picks CUDA where it exists")
 def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(

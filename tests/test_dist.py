@@ -18,7 +18,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker as W
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
+    # nccl wants one GPU per rank: CUDA runs go through torchrun, as docs/distributed.rst says.
+    pytest.mark.device_independent("two gloo ranks on loopback with CPU tensors"),
+]
 
 
 def _run_world(mode: str, tmp_path: Path, world: int = 2) -> list[list[torch.Tensor]]:

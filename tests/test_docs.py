@@ -22,6 +22,9 @@ from torch import nn
 
 import lora_func
 
+# The README's examples are CPU code, run as written; the rest reads text files.
+pytestmark = pytest.mark.device_independent("runs the documentation as written (CPU code) and reads text files")
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 API = ROOT / "docs" / "api.rst"

@@ -238,14 +238,14 @@ def test_gradients_match_float64(dtypes: Any, kind: str, route: str, device: str
 
 
 @pytest.mark.parametrize("bad", [torch.int64, "float32", torch.complex64])
-def test_init_adapters_rejects_bad_dtype(bad: Any) -> None:
+def test_init_adapters_rejects_bad_dtype(bad: Any, device: str) -> None:
     with pytest.raises(TypeError, match=r"init_adapters: dtype must be None or a floating-point torch.dtype"):
-        lora_func.init_adapters(nn.Linear(3, 4), "weight", dtype=bad)
+        lora_func.init_adapters(nn.Linear(3, 4, device=device), "weight", dtype=bad)
 
 
 @pytest.mark.parametrize("bad", [torch.int64, "float32", torch.complex64])
-def test_apply_lora_rejects_bad_dtype_and_changes_nothing(bad: Any) -> None:
-    layer = nn.Linear(3, 4)
+def test_apply_lora_rejects_bad_dtype_and_changes_nothing(bad: Any, device: str) -> None:
+    layer = nn.Linear(3, 4, device=device)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     with pytest.raises(TypeError, match=r"apply_lora\(module, 'weight'\): dtype must be None or a floating-point"):
         lora_func.apply_lora(layer, dtype=bad)
