@@ -26,6 +26,8 @@ settings.register_profile(
 settings.register_profile("thorough", deadline=None, max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+pytest_plugins = ["pytester"]  # tests/test_suite.py runs small suites under this file's rules
+
 #: Devices the suite runs on: the CPU always, CUDA where it exists.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -44,9 +46,7 @@ def device(request: pytest.FixtureRequest) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "device_independent(reason): runs once, not on each device; the reason says why"
-    )
+    config.addinivalue_line("markers", "device_independent(reason): runs once, not on each device; the reason says why")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
