@@ -4,7 +4,8 @@ Every test either takes the ``device`` fixture, and so runs once on each availab
 (the CPU always, CUDA where it exists), or says why it does not with
 ``@pytest.mark.device_independent("reason")`` (a module may say it once, in ``pytestmark``);
 tests of CUDA-only behaviour take ``@requires_cuda``. A test that does none of these fails
-with a message saying so, so that no test silently runs on the CPU alone.
+with a message saying so, so that no test silently runs on the CPU alone. (Doctests, in
+``lora_func/`` and ``docs/``, run the documentation as written: on the CPU.)
 
 On CUDA, TF32 is switched off for the session: the tolerances of the float32 tests are derived
 from float32 rounding (``2**-24``), which TF32 (``2**-11``) would exceed by design.
