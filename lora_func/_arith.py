@@ -119,7 +119,9 @@ def scale(lora: Any, c: torch.Tensor | float) -> Any:
         TypeError: if ``lora`` holds something other than adapters, or ``c`` is not a
             real number or tensor.
         ValueError: if ``c`` does not broadcast to an adapter's ``scaling`` shape, is a
-            non-finite number, or cannot be moved to the adapters' device.
+            non-finite number (a tensor's values are not read: that would cost a device
+            sync and fail under ``torch.func`` transforms), or cannot be moved to the
+            adapters' device.
 
     Example:
         >>> import torch, lora_func
@@ -334,7 +336,9 @@ def weighted_sum(stacked: Any, weights: torch.Tensor | Sequence[float], *, rank:
         TypeError: if ``stacked`` holds something other than adapters, ``weights`` is not a
             sequence of numbers or a real tensor, or ``rank`` is not an int.
         ValueError: if an adapter is not stacked, ``weights`` is not 1-D of length ``K``,
-            or ``rank <= 0``.
+            holds a non-finite number (a sequence; a tensor's values are not read, which
+            would cost a device sync and fail under ``torch.func`` transforms), or
+            ``rank <= 0``.
 
     Example:
         >>> import torch, lora_func
@@ -395,6 +399,8 @@ def _weighted_sum(stacked: Any, weights: Any, rank: int | None, where: str) -> A
     elif isinstance(weights, Sequence) and not isinstance(weights, str):
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
             raise TypeError(f"{where}: weights must be a sequence of numbers or a 1-D tensor, got {weights!r}")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"{where}: weights must be finite numbers, got {list(weights)!r}")
     else:
         raise TypeError(f"{where}: weights must be a sequence of numbers or a 1-D tensor, got {type(weights).__name__}")
 

@@ -386,6 +386,10 @@ def check(
     - *shape*: an adapter was made for a weight of another shape.
     - *dtype* (when ``dtypes=True``): ``A`` or ``B`` is not in the weight's dtype.
 
+    Devices are not compared: :func:`~lora_func.set_adapters` copies values across devices
+    (adapters read by :func:`~lora_func.load` onto the CPU fit a CUDA model), and the
+    functional routes name both devices when they meet a mismatch.
+
     Args:
         adapters: names (``"0.weight"``) to :class:`~lora_func.LoRA`, single or stacked.
         module_or_params: the model (its parameters as in

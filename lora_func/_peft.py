@@ -38,6 +38,7 @@ from safetensors.torch import save as _st_save
 from torch import nn
 
 from ._files import _check
+from ._math import check_device
 from ._tree import LoRA, _scaling_dtype
 
 __all__ = ["export_peft", "from_state_dict", "import_peft", "to_state_dict"]
@@ -342,7 +343,8 @@ def import_peft(
         ValueError: for an unreadable file, an unsupported feature, an unknown tensor,
             or a file whose ranks disagree with its config (the message names the file);
             or, with ``model``, a target the model lacks, cannot hold, or has in
-            another shape.
+            another shape; or if ``device`` is not an available device (checked before
+            anything is read).
         TypeError: if ``model`` is not an ``nn.Module``.
 
     Example:
@@ -357,6 +359,8 @@ def import_peft(
     where = "import_peft(directory)"
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    if device is not None:
+        device = check_device(device, where)  # before any file is read
     folder = os.fspath(directory)
     config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(config_path):
