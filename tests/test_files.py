@@ -1,4 +1,10 @@
-"""save/load (safetensors, atomic, bit-exact) and check (every problem reported at once)."""
+"""save/load (safetensors, atomic, bit-exact) and check (every problem reported at once).
+
+Every test runs on each available device (the ``device`` fixture): adapters are drawn on the
+CPU (the same values everywhere) and moved to ``device``, saved from there, and loaded back
+both to the CPU (the default) and to ``device``. A round trip copies bits and computes
+nothing, so it is compared with ``torch.equal`` on every device.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ import lora_func
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-def _random_lora(shape, r, dtype, batch=(), alpha=2.0, seed=0):
+def _random_lora(shape, r, dtype, device, batch=(), alpha=2.0, seed=0):
+    """A LoRA on ``device``, drawn on the CPU so that its values are the same on every device."""
     g = torch.Generator().manual_seed(seed)
     in_flat = 1
     for d in shape[1:]:
@@ -25,14 +32,20 @@ def _random_lora(shape, r, dtype, batch=(), alpha=2.0, seed=0):
     A = torch.randn(*batch, r, in_flat, generator=g).to(dtype)
     B = torch.randn(*batch, shape[0], r, generator=g).to(dtype)
     scaling = torch.full(batch, alpha / r, dtype=torch.float32)
-    return lora_func.LoRA(A, B, scaling, shape)
+    return lora_func.LoRA(A.to(device), B.to(device), scaling.to(device), shape)
+
+
+def _to(lora: lora_func.LoRA, device) -> lora_func.LoRA:
+    """A copy of ``lora`` on ``device`` (a plain copy: the bits do not change)."""
+    return lora_func.LoRA(lora.A.to(device), lora.B.to(device), lora.scaling.to(device), lora.shape)
 
 
 def _assert_same(a: lora_func.LoRA, b: lora_func.LoRA) -> None:
+    """Same shape, and every leaf on the same device with the same dtype and bits."""
     assert a.shape == b.shape
     for leaf in ("A", "B", "scaling"):
         x, y = getattr(a, leaf), getattr(b, leaf)
-        assert x.dtype == y.dtype and torch.equal(x, y), leaf
+        assert x.device == y.device and x.dtype == y.dtype and torch.equal(x, y), leaf
 
 
 shapes = st.sampled_from([(4, 3), (5, 2, 3), (4, 2, 3, 3), (3, 2, 2, 1, 2)])
@@ -46,24 +59,25 @@ shapes = st.sampled_from([(4, 3), (5, 2, 3), (4, 2, 3, 3), (3, 2, 2, 1, 2)])
     single=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_round_trip_is_bit_exact(tmp_path_factory, shape, r, dtype, k, single, seed):
+def test_round_trip_is_bit_exact(tmp_path_factory, device, shape, r, dtype, k, single, seed):
     batch = () if k is None else (k,)
-    lora = _random_lora(shape, r, dtype, batch, alpha=float(seed % 7 + 1), seed=seed)
-    adapters = lora if single else {"enc.0.weight": lora, "head.weight": _random_lora((2, 4), 1, dtype, batch)}
+    lora = _random_lora(shape, r, dtype, device, batch, alpha=float(seed % 7 + 1), seed=seed)
+    adapters = lora if single else {"enc.0.weight": lora, "head.weight": _random_lora((2, 4), 1, dtype, device, batch)}
     path = tmp_path_factory.mktemp("rt") / "a.safetensors"
     lora_func.save(adapters, path, metadata={"seed": seed, "tags": ["x", 1.5]})
-    back = lora_func.load(path)
-    if single:
-        _assert_same(back, lora)
-    else:
-        assert list(back) == list(adapters)
-        for name in adapters:
-            _assert_same(back[name], adapters[name])
+    for where in ("cpu", device):  # saved from device; loaded to the CPU (the default) and back to device
+        back = lora_func.load(path) if where == "cpu" else lora_func.load(path, device=device)
+        if single:
+            _assert_same(back, _to(lora, where))
+        else:
+            assert list(back) == list(adapters)
+            for name in adapters:
+                _assert_same(back[name], _to(adapters[name], where))
     assert lora_func.load_metadata(path) == {"seed": seed, "tags": ["x", 1.5]}
 
 
-def test_file_layout_and_header(tmp_path):
-    adapters = {"0.weight": _random_lora((4, 2, 3, 3), 2, torch.float32, alpha=6.0)}
+def test_file_layout_and_header(tmp_path, device):
+    adapters = {"0.weight": _random_lora((4, 2, 3, 3), 2, torch.float32, device, alpha=6.0)}
     path = tmp_path / "a.safetensors"
     lora_func.save(adapters, path)
     from safetensors import safe_open
@@ -75,28 +89,31 @@ def test_file_layout_and_header(tmp_path):
     assert header["adapters"]["0.weight"] == {"shape": [4, 2, 3, 3], "r": 2, "batch_shape": [], "alpha": 6.0}
 
 
-def test_unstacked_views_sharing_memory_are_saved(tmp_path):
+def test_unstacked_views_sharing_memory_are_saved(tmp_path, device):
     # unstack gives views of one storage; safetensors refuses shared memory unless copied.
-    views = lora_func.unstack(_random_lora((4, 3), 2, torch.float32, (2,)))
+    views = lora_func.unstack(_random_lora((4, 3), 2, torch.float32, device, (2,)))
     path = tmp_path / "v.safetensors"
     lora_func.save({"a": views[0], "b": views[1]}, path)
     back = lora_func.load(path)
+    _assert_same(back["a"], _to(views[0], "cpu"))
+    _assert_same(back["b"], _to(views[1], "cpu"))
+    back = lora_func.load(path, device=device)
     _assert_same(back["a"], views[0])
     _assert_same(back["b"], views[1])
 
 
 def test_load_to_device(tmp_path, device):
-    lora = _random_lora((4, 3), 2, torch.bfloat16)
+    lora = _random_lora((4, 3), 2, torch.bfloat16, "cpu")  # saved from the CPU, loaded onto device
     lora_func.save(lora, tmp_path / "a.safetensors")
     back = lora_func.load(tmp_path / "a.safetensors", device=device)
     assert back.A.device.type == device and back.scaling.device.type == device
-    _assert_same(lora_func.LoRA(back.A.cpu(), back.B.cpu(), back.scaling.cpu(), back.shape), lora)
+    _assert_same(_to(back, "cpu"), lora)
 
 
 @pytest.mark.parametrize("failing", ["fsync", "replace"])
-def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, failing):
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, failing, device):
     path = tmp_path / "a.safetensors"
-    old = {"w": _random_lora((4, 3), 2, torch.float32, seed=1)}
+    old = {"w": _random_lora((4, 3), 2, torch.float32, device, seed=1)}
     lora_func.save(old, path)
     before = path.read_bytes()
 
@@ -105,68 +122,73 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, failing):
 
     monkeypatch.setattr(os, failing, boom)
     with pytest.raises(OSError, match="disk full"):
-        lora_func.save({"w": _random_lora((4, 3), 2, torch.float32, seed=2)}, path)
+        lora_func.save({"w": _random_lora((4, 3), 2, torch.float32, device, seed=2)}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["a.safetensors"]  # the temporary file is gone
-    _assert_same(lora_func.load(path)["w"], old["w"])
+    _assert_same(lora_func.load(path, device=device)["w"], old["w"])
 
 
-def test_truncated_file_is_a_clear_error(tmp_path):
+def test_truncated_file_is_a_clear_error(tmp_path, device):
     path = tmp_path / "a.safetensors"
-    lora_func.save({"w": _random_lora((8, 8), 4, torch.float32)}, path)
+    lora_func.save({"w": _random_lora((8, 8), 4, torch.float32, device)}, path)
     data = path.read_bytes()
     for cut in (4, 20, len(data) // 2, len(data) - 1):
         path.write_bytes(data[:cut])
         with pytest.raises(ValueError, match=re.escape(str(path)) + ".*not a readable safetensors file"):
-            lora_func.load(path)
+            lora_func.load(path, device=device)
 
 
-def test_corrupt_and_foreign_files_are_clear_errors(tmp_path):
+def test_corrupt_and_foreign_files_are_clear_errors(tmp_path, device):
+    # Loading to device: the file is refused as it is read, before anything is placed there.
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match=r"garbage.safetensors.*not a readable safetensors file"):
-        lora_func.load(garbage)
+        lora_func.load(garbage, device=device)
     foreign = tmp_path / "foreign.safetensors"
-    save_file({"weight": torch.zeros(2, 2)}, str(foreign))
+    save_file({"weight": torch.zeros(2, 2, device=device)}, str(foreign))
     with pytest.raises(ValueError, match=r"foreign.safetensors.*not a lora_func adapter file"):
-        lora_func.load(foreign)
+        lora_func.load(foreign, device=device)
     with pytest.raises(ValueError, match=r"foreign.safetensors.*not a lora_func adapter file"):
         lora_func.load_metadata(foreign)
     with pytest.raises(FileNotFoundError, match="no file at"):
-        lora_func.load(tmp_path / "absent.safetensors")
+        lora_func.load(tmp_path / "absent.safetensors", device=device)
 
 
 def _header(**adapters):
     return {"format": "lora_func.adapters", "version": 1, "kind": "dict", "adapters": adapters, "metadata": {}}
 
 
-def test_header_and_tensors_must_agree(tmp_path):
+def test_header_and_tensors_must_agree(tmp_path, device):
     path = tmp_path / "bad.safetensors"
-    tensors = {"w.A": torch.zeros(2, 3), "w.B": torch.zeros(4, 2), "w.scaling": torch.tensor(1.0)}
+    tensors = {
+        "w.A": torch.zeros(2, 3, device=device),
+        "w.B": torch.zeros(4, 2, device=device),
+        "w.scaling": torch.tensor(1.0, device=device),
+    }
     info = {"shape": [4, 3], "r": 2, "batch_shape": [], "alpha": 2.0}
     save_file(tensors, str(path), metadata={"lora_func": json.dumps(_header(w=info, v=info))})
     with pytest.raises(ValueError, match=r"bad.safetensors.*missing \['v.A', 'v.B', 'v.scaling'\]"):
-        lora_func.load(path)
+        lora_func.load(path, device=device)
     save_file(tensors, str(path), metadata={"lora_func": json.dumps(_header(w={**info, "shape": [4, 5]}))})
     with pytest.raises(ValueError, match=r"bad.safetensors.*adapter 'w' does not match its header"):
-        lora_func.load(path)
+        lora_func.load(path, device=device)
     save_file(tensors, str(path), metadata={"lora_func": json.dumps({**_header(w=info), "version": 99})})
     with pytest.raises(ValueError, match=r"bad.safetensors.*format version 99"):
-        lora_func.load(path)
+        lora_func.load(path, device=device)
     save_file(tensors, str(path), metadata={"lora_func": "{not json"})
     with pytest.raises(ValueError, match=r"bad.safetensors.*corrupt lora_func header"):
-        lora_func.load(path)
+        lora_func.load(path, device=device)
 
 
-def test_save_argument_errors(tmp_path):
-    lora = _random_lora((4, 3), 2, torch.float32)
+def test_save_argument_errors(tmp_path, device):
+    lora = _random_lora((4, 3), 2, torch.float32, device)
     with pytest.raises(TypeError, match=r"save\(adapters, path\): metadata must hold only JSON"):
         lora_func.save(lora, tmp_path / "a.safetensors", metadata={"x": object()})
     with pytest.raises(TypeError, match=r"save\(adapters, path\): metadata must be a dict from strings"):
         lora_func.save(lora, tmp_path / "a.safetensors", metadata={1: 2})
     with pytest.raises(TypeError, match=r"save\(adapters, path\): adapters\['w'\] must be a lora_func.LoRA"):
-        lora_func.save({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
+        lora_func.save({"w": torch.zeros(2, device=device)}, tmp_path / "a.safetensors")
     with pytest.raises(TypeError, match=r"save\(adapters, path\): adapters must be a lora_func.LoRA or a mapping"):
         lora_func.save([lora], tmp_path / "a.safetensors")
     assert not os.listdir(tmp_path)
@@ -175,22 +197,24 @@ def test_save_argument_errors(tmp_path):
 # --- check -----------------------------------------------------------------------------------
 
 
-def _model():
-    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Conv2d(4, 2, 3), torch.nn.Linear(2, 2))
+def _model(device):
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Conv2d(4, 2, 3), torch.nn.Linear(2, 2)).to(device)
 
 
-def test_check_accepts_fitting_adapters():
-    model = _model()
-    lora_func.check(lora_func.init_adapters(model, "*.weight", r=2), model, targets="*.weight")
+def test_check_accepts_fitting_adapters(device):
+    model = _model(device)
+    adapters = lora_func.init_adapters(model, "*.weight", r=2)
+    assert all(a.A.device == model[0].weight.device for a in adapters.values())
+    lora_func.check(adapters, model, targets="*.weight")
     lora_func.check({}, dict(model.named_parameters()))
 
 
-def test_check_reports_every_problem_at_once():
-    model = _model()
+def test_check_reports_every_problem_at_once(device):
+    model = _model(device)
     adapters = {
-        "0.weight": lora_func.init((4, 3), r=2, dtype=torch.float64),  # dtype
-        "1.weight": lora_func.init((2, 4, 5, 5), r=2),  # shape
-        "7.weight": lora_func.init((2, 2), r=1),  # unexpected
+        "0.weight": lora_func.init((4, 3), r=2, dtype=torch.float64, device=device),  # dtype
+        "1.weight": lora_func.init((2, 4, 5, 5), r=2, device=device),  # shape
+        "7.weight": lora_func.init((2, 2), r=1, device=device),  # unexpected
     }
     with pytest.raises(ValueError) as info:
         lora_func.check(adapters, model, targets=["*.weight", "enc.*"])
@@ -208,29 +232,32 @@ def test_check_reports_every_problem_at_once():
     assert "dtype" not in str(info.value) and "adapters['7.weight'] names no parameter" in str(info.value)
 
 
-def test_check_defaults_to_the_weights_that_carry_lora():
-    model = _model()
+def test_check_defaults_to_the_weights_that_carry_lora(device):
+    model = _model(device)
     lora_func.apply_lora(model[0], r=2)
     lora_func.apply_lora(model[2], r=2)
     with pytest.raises(ValueError, match=r"missing adapters for \['2.weight'\]"):
-        lora_func.check({"0.weight": lora_func.init((4, 3), r=2)}, model)
+        lora_func.check({"0.weight": lora_func.init((4, 3), r=2, device=device)}, model)
     lora_func.check(lora_func.get_adapters(model), model)
 
 
-def test_check_type_errors():
+def test_check_type_errors(device):
     with pytest.raises(
         TypeError, match=r"check\(adapters, module_or_params\): adapters\['w'\] must be a lora_func.LoRA"
     ):
-        lora_func.check({"w": torch.zeros(2, 2)}, _model())
+        lora_func.check({"w": torch.zeros(2, 2, device=device)}, _model(device))
     with pytest.raises(TypeError, match=r"module_or_params must be an nn.Module or a mapping"):
         lora_func.check({}, [1, 2])
     with pytest.raises(TypeError, match="adapters must be a mapping"):
-        lora_func.check(lora_func.init((2, 2), r=1), _model())
+        lora_func.check(lora_func.init((2, 2), r=1, device=device), _model(device))
 
 
-def test_set_adapters_reports_every_problem_at_once():
-    model = _model()
-    adapters = {"1.weight": lora_func.init((2, 4, 5, 5), r=2), "7.weight": lora_func.init((2, 2), r=1)}
+def test_set_adapters_reports_every_problem_at_once(device):
+    model = _model(device)
+    adapters = {
+        "1.weight": lora_func.init((2, 4, 5, 5), r=2, device=device),
+        "7.weight": lora_func.init((2, 2), r=1, device=device),
+    }
     with pytest.raises(ValueError) as info:
         lora_func.set_adapters(model, adapters)
     msg = str(info.value)
