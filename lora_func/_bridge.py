@@ -203,7 +203,8 @@ def module_params(module: nn.Module, adapters: Mapping[str, LoRA]) -> dict[str, 
             )
         prefix = name[: len(name) - len(pname)] + f"parametrizations.{pname}."
         index = list(_chain(sub, pname)).index(param)
-        ratio = lora.scaling / param.scaling
+        # A tensor divisor: CUDA divides by a Python number as a * (1 / b), and s * (1 / s) is not always 1
+        ratio = lora.scaling / torch.full_like(lora.scaling, param.scaling)
         out[f"{prefix}{index}.A"] = lora.A
         out[f"{prefix}{index}.B"] = lora.B * ratio.reshape(*ratio.shape, 1, 1)
     return out
