@@ -29,15 +29,16 @@ LAYERS = {
 }
 
 
-def _prepared(kind: str) -> tuple[nn.Module, torch.Tensor, lora_func.LoRAParam]:
+def _prepared(kind: str, device: str) -> tuple[nn.Module, torch.Tensor, lora_func.LoRAParam]:
+    """A float64 layer with LoRA on ``device``, and an input; every value drawn on the CPU, then moved."""
     torch.manual_seed(0)
     make, data = LAYERS[kind]
-    layer = make().double()
+    layer = make().double().to(device)
     lora = lora_func.apply_lora(layer, r=4, alpha=8.0, init="gaussian")
-    with torch.no_grad():
-        lora.B.normal_()
-        lora.A.normal_()
-    return layer, data(torch.Generator().manual_seed(1)), lora
+    with torch.no_grad():  # order 1, from the CPU's global generator (as normal_() in place on the CPU)
+        lora.B.copy_(torch.randn(lora.B.shape, dtype=lora.B.dtype))
+        lora.A.copy_(torch.randn(lora.A.shape, dtype=lora.A.dtype))
+    return layer, data(torch.Generator().manual_seed(1)).to(device), lora
 
 
 def _merged_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +59,10 @@ def _call_plain(layer: nn.Module, x: torch.Tensor, W: torch.Tensor) -> torch.Ten
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_factored_forward_equals_the_merged_weight_in_outputs_and_gradients(kind: str, monkeypatch) -> None:
-    layer, x, lora = _prepared(kind)
+def test_factored_forward_equals_the_merged_weight_in_outputs_and_gradients(
+    device: str, kind: str, monkeypatch
+) -> None:
+    layer, x, lora = _prepared(kind, device)
     calls, merges = [], []
     lora.register_forward_hook(lambda *_: calls.append(1))
     update = lora_func._weight._update
@@ -73,15 +76,15 @@ def test_factored_forward_equals_the_merged_weight_in_outputs_and_gradients(kind
     got = (lora.A.grad.clone(), lora.B.grad.clone())
     lora.A.grad = lora.B.grad = None
 
-    y_ref = _merged_output(layer, x)
+    y_ref = _merged_output(layer, x)  # float64 on the device
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)  # float64: rounding only
     y_ref.square().sum().backward()
     torch.testing.assert_close(got, (lora.A.grad, lora.B.grad), rtol=1e-10, atol=1e-12)
 
 
-def test_state_dict_weight_and_other_modules_are_unchanged() -> None:
+def test_state_dict_weight_and_other_modules_are_unchanged(device: str) -> None:
     torch.manual_seed(0)
-    a, b = nn.Linear(64, 48), nn.Linear(64, 48)
+    a, b = nn.Linear(64, 48).to(device), nn.Linear(64, 48).to(device)
     before = type(b).forward
     lora = lora_func.apply_lora(a, r=4, init="gaussian")
     assert type(b).forward is before and type(b) is nn.Linear
@@ -92,48 +95,53 @@ def test_state_dict_weight_and_other_modules_are_unchanged() -> None:
         "parametrizations.weight.original",
     ]
     W = a.parametrizations.weight.original + lora.scaling * lora.B @ lora.A
-    assert torch.equal(a.weight, W)  # module.weight still evaluates the parametrization
+    # module.weight still evaluates the parametrization. Exact on every device: scaling is
+    # 8 / 4 = 2, a power of two, so (s * B) @ A here is s * (B @ A) there, bit for bit.
+    assert lora.scaling == 2.0 and torch.equal(a.weight, W)
     lora_func.remove_lora(a, merge=False)
     assert type(a) is nn.Linear and type(a).forward is before
 
 
-def test_subclass_with_its_own_forward_keeps_it() -> None:
+def test_subclass_with_its_own_forward_keeps_it(device: str) -> None:
     class Doubled(nn.Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return 2 * F.linear(x, self.weight, self.bias)
 
-    layer = Doubled(16, 8)
+    layer = Doubled(16, 8).to(device)
     lora = lora_func.apply_lora(layer, r=2, init="gaussian")
     calls = []
     lora.register_forward_hook(lambda *_: calls.append(1))
-    x = torch.randn(2, 16)
+    x = torch.randn(2, 16).to(device)
     y = layer(x)
     assert calls == [1]  # its own forward, through the parametrization
     torch.testing.assert_close(y, 2 * F.linear(x, layer.weight, layer.bias))
 
 
-def test_a_second_parametrization_falls_back_to_the_plain_path() -> None:
+def test_a_second_parametrization_falls_back_to_the_plain_path(device: str) -> None:
     class Twice(nn.Module):
         def forward(self, w: torch.Tensor) -> torch.Tensor:
             return 2 * w
 
-    layer = nn.Linear(16, 8)
+    layer = nn.Linear(16, 8).to(device)
     lora_func.apply_lora(layer, r=2, init="gaussian")
     torch.nn.utils.parametrize.register_parametrization(layer, "weight", Twice())
-    x = torch.randn(2, 16)
+    x = torch.randn(2, 16).to(device)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_deepcopy_of_a_prepared_layer_runs_the_same() -> None:
-    layer, x, _ = _prepared("linear")
+def test_deepcopy_of_a_prepared_layer_runs_the_same(device: str) -> None:
+    layer, x, _ = _prepared("linear", device)
     twin = copy.deepcopy(layer)
+    assert twin.parametrizations.weight.original.device == layer.parametrizations.weight.original.device
+    # Exact on every device: the same forward of equal tensors, run twice.
     torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
 
 
-def test_removing_lora_from_a_deep_copy_leaves_the_original_working() -> None:
+def test_removing_lora_from_a_deep_copy_leaves_the_original_working(device: str) -> None:
     # copy.deepcopy of a parametrized module shares its class with the copy; changing the
-    # copy's parametrizations must not reach the original.
-    layer, x, _ = _prepared("linear")
+    # copy's parametrizations must not reach the original. The exact comparisons are of the
+    # same forward of equal tensors, run again: exact on every device.
+    layer, x, _ = _prepared("linear", device)
     y = layer(x)
     twin, other = copy.deepcopy(layer), copy.deepcopy(layer)
     lora_func.remove_lora(twin, merge=True)
@@ -154,22 +162,24 @@ class TwoWeights(nn.Module):
         return F.linear(x, self.u) + F.linear(x, self.v)
 
 
-def test_adding_lora_to_a_deep_copy_leaves_the_original_alone() -> None:
+def test_adding_lora_to_a_deep_copy_leaves_the_original_alone(device: str) -> None:
     torch.manual_seed(0)
-    module = TwoWeights()
+    module = TwoWeights().to(device)
     lora_func.apply_lora(module, "u", r=2, init="gaussian")
     twin = copy.deepcopy(module)
     lora_func.apply_lora(twin, "v", r=2, init="gaussian")
-    x = torch.randn(2, 3)
+    x = torch.randn(2, 3).to(device)
     assert not torch.nn.utils.parametrize.is_parametrized(module, "v")
+    # Exact on every device: TwoWeights' own forward, written out again with the same tensors.
     torch.testing.assert_close(module(x), F.linear(x, module.u) + F.linear(x, module.v), rtol=0, atol=0)
     assert lora_func.get_adapters(module).keys() == {"u"} and lora_func.get_adapters(twin).keys() == {"u", "v"}
 
 
-def test_set_adapters_keeps_a_float32_adapter_float32_over_a_bf16_model() -> None:
-    model = nn.Sequential(nn.Linear(8, 4)).to(torch.bfloat16)
+def test_set_adapters_keeps_a_float32_adapter_float32_over_a_bf16_model(device: str) -> None:
+    model = nn.Sequential(nn.Linear(8, 4)).to(device=device, dtype=torch.bfloat16)
     adapters = lora_func.init_adapters(model, "0.weight", r=2, init="gaussian", dtype=torch.float32)
     lora_func.set_adapters(model, adapters)
     lora = model[0].parametrizations.weight[0]
-    assert lora.A.dtype == torch.float32 and torch.equal(lora.A, adapters["0.weight"].A)
+    assert lora.A.dtype == torch.float32 and lora.A.device == model[0].bias.device
+    assert torch.equal(lora.A, adapters["0.weight"].A)
     assert model[0].weight.dtype == torch.bfloat16  # the effective weight stays in the model's dtype
