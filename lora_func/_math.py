@@ -123,7 +123,8 @@ def init(
 
     Raises:
         ValueError: if the shape is not 2- to 5-D, ``r <= 0``, ``alpha`` is not finite,
-            ``init`` is unknown or ``device`` is not a device.
+            ``init`` is unknown, ``device`` is not a device or ``generator`` is on
+            another kind of device than the tensors.
         TypeError: if ``r`` is not an int, ``alpha`` not a number or ``dtype`` not a
             floating-point dtype.
 
@@ -147,6 +148,11 @@ def init(
     # B is created before A, as in the documented LoRAParam (this order draws nothing).
     B = torch.empty(dims[0], r, device=device, dtype=dtype)
     A = torch.empty(r, _prod(dims[1:]), device=device, dtype=dtype)
+    if isinstance(generator, torch.Generator) and A.device.type not in (generator.device.type, "meta"):
+        raise ValueError(
+            f"init: generator is on {generator.device} but the factors are made on {A.device}; "
+            f"draw from a torch.Generator({A.device.type!r})"
+        )
     fill_factors(A, B, init, generator)
     scaling = torch.tensor(alpha / r, dtype=_scaling_dtype(dtype), device=A.device)
     return LoRA(A, B, scaling, dims)
