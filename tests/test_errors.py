@@ -15,8 +15,10 @@ allowed are the documented ones.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -30,11 +32,17 @@ from torch import nn
 
 import lora_func
 
+from .conftest import requires_cuda
+
 # --- the world every case runs against -------------------------------------------------------
 
 
-def world() -> dict[str, Any]:
-    """Fresh modules and adapters: a plain model, a model with LoRA, and adapters for them."""
+def world(device: str) -> dict[str, Any]:
+    """Fresh modules and adapters on ``device``: a plain model, a model with LoRA, and adapters for them.
+
+    Everything is drawn on the CPU (a CPU generator, the CPU global RNG) and then moved, so the
+    values are the same on every device.
+    """
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Conv1d(4, 2, 3))
@@ -43,23 +51,41 @@ def world() -> dict[str, Any]:
     with_lora[2].weight.requires_grad_(False)  # a frozen plain weight: its flag must survive too
     ints = nn.Linear(3, 4)
     ints.weight = nn.Parameter(torch.arange(12).reshape(4, 3), requires_grad=False)
-    adapters = lora_func.init_adapters(plain, "*.weight", r=2, init="gaussian", generator=g)
-    lo = lora_func.init((4, 3), r=2, alpha=4.0, init="gaussian", generator=g).replace(
-        A=lora_func.init((4, 3), r=2, init="gaussian", generator=g).A.requires_grad_()
-    )
+    adapters = _to(lora_func.init_adapters(plain, "*.weight", r=2, init="gaussian", generator=g), device)
+    lo = lora_func.init((4, 3), r=2, alpha=4.0, init="gaussian", generator=g)
+    A = lora_func.init((4, 3), r=2, init="gaussian", generator=g).A
+    lo = _to(lo, device).replace(A=A.to(device).requires_grad_())  # a leaf on the device, whose flag can change
     return {
-        "plain": plain,
-        "with_lora": with_lora,
-        "ints": ints,
+        "plain": plain.to(device),
+        "with_lora": with_lora.to(device),
+        "ints": ints.to(device),
         "adapters": adapters,
         "lo": lo,
-        "r3": lora_func.init((4, 3), r=3, init="gaussian", generator=g),
+        "r3": _to(lora_func.init((4, 3), r=3, init="gaussian", generator=g), device),
         "stacked": lora_func.stack([lo, lo]),
         "meta": lora_func.LoRA(lo.A.detach().to("meta"), lo.B.to("meta"), lo.scaling.to("meta"), lo.shape),
         "leafless": torch_pytree.tree_map(lambda _: 1, lo),
-        "W": torch.randn(4, 3, generator=g),
-        "Wc": torch.randn(2, 4, 3, generator=g),
+        "W": torch.randn(4, 3, generator=g).to(device),
+        "Wc": torch.randn(2, 4, 3, generator=g).to(device),
     }
+
+
+def _to(tree: Any, device: str | torch.device) -> Any:
+    """``tree`` with every tensor leaf moved to ``device``."""
+    return torch_pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _dev(w: dict[str, Any]) -> torch.device:
+    """The device the world ``w`` lives on."""
+    return w["W"].device
+
+
+def _dev_re(device: str | torch.device) -> str:
+    """A pattern for ``device`` as messages print it: ``cpu``; ``cuda`` or ``cuda:0`` for the first GPU."""
+    d = torch.device(device)
+    if d.type == "cpu":
+        return "cpu"
+    return re.escape(d.type) + (rf"(:{d.index})?" if d.index is not None else r"(:\d+)?")
 
 
 def _bits(t: torch.Tensor) -> Any:
@@ -158,7 +184,7 @@ CASES: list[Case] = [
     # LoRA: the node's own checks
     ("LoRA-A-list", lambda w: lora_func.LoRA([[1.0]], w["lo"].B, 1.0, (4, 3)), T, r"LoRA: A must be a torch"),
     ("LoRA-A-int", lambda w: lora_func.LoRA(w["lo"].A.long(), w["lo"].B, 1.0, (4, 3)), T, r"LoRA: A must have a"),
-    ("LoRA-devices", lambda w: lora_func.LoRA(w["lo"].A, w["meta"].B, 1.0, (4, 3)), V, r"LoRA: A is on cpu but B"),
+    ("LoRA-devices", lambda w: lora_func.LoRA(w["lo"].A, w["meta"].B, 1.0, (4, 3)), V, r"LoRA: A is on <dev> but B"),
     ("LoRA-scaling-nan", lambda w: lora_func.LoRA(w["lo"].A, w["lo"].B, nan, (4, 3)), V, r"LoRA: scaling must be"),
     ("LoRA-scaling-str", lambda w: lora_func.LoRA(w["lo"].A, w["lo"].B, "1", (4, 3)), T, r"LoRA: scaling must be"),
     ("LoRA-rank", lambda w: lora_func.LoRA(w["lo"].A, w["r3"].B, 1.0, (4, 3)), V, r"LoRA: A .* has rank 2 but B"),
@@ -171,7 +197,7 @@ CASES: list[Case] = [
     ("merge-shape", lambda w: lora_func.merge(w["W"].T, w["lo"]), V, r"merge\(base, lora\): base has shape \(3, 4\)"),
     ("merge-int", lambda w: lora_func.merge(w["W"].long(), w["lo"]), T, r"merge\(base, lora\): base must have a"),
     ("merge-bool", lambda w: lora_func.merge(w["W"] > 0, w["lo"]), T, r"merge\(base, lora\): base must have a"),
-    ("merge-device", lambda w: lora_func.merge(w["W"], w["meta"]), V, r"merge\(base, lora\): base is on cpu but"),
+    ("merge-device", lambda w: lora_func.merge(w["W"], w["meta"]), V, r"merge\(base, lora\): base is on <dev> but"),
     ("merge-leaves", lambda w: lora_func.merge(w["W"], w["leafless"]), T, r"merge\(base, lora\): lora's leaves"),
     (
         "merge-finite",
@@ -181,7 +207,7 @@ CASES: list[Case] = [
     ),
     (
         "merge-finite-type",
-        lambda w: lora_func.merge(w["W"], w["lo"], check_finite=torch.tensor([])),
+        lambda w: lora_func.merge(w["W"], w["lo"], check_finite=torch.tensor([], device=_dev(w))),
         T,
         r"merge\(base, lora\): check_finite must be a bool",
     ),
@@ -270,7 +296,7 @@ CASES: list[Case] = [
     ("LW-mode", lambda w: lora_func.LoRAWeight(w["W"], w["lo"], "fast"), V, r"LoRAWeight\(base, lora\): unknown mode"),
     ("LW-shape", lambda w: lora_func.LoRAWeight(w["W"].T, w["lo"]), V, r"LoRAWeight\(base, lora\): base has shape"),
     ("LW-int", lambda w: lora_func.LoRAWeight(w["W"].long(), w["lo"]), T, r"LoRAWeight\(base, lora\): base must have"),
-    ("LW-device", lambda w: lora_func.LoRAWeight(w["W"], w["meta"]), V, r"LoRAWeight\(base, lora\): base is on cpu"),
+    ("LW-device", lambda w: lora_func.LoRAWeight(w["W"], w["meta"]), V, r"LoRAWeight\(base, lora\): base is on <dev>"),
     ("LW-leaves", lambda w: lora_func.LoRAWeight(w["W"], w["leafless"]), T, r"LoRAWeight\(base, lora\): A and B must"),
     ("LW-stacked", lambda w: lora_func.LoRAWeight(w["W"], w["stacked"]), V, r"LoRAWeight\(base, lora\): lora has"),
     # stack / unstack
@@ -298,12 +324,17 @@ CASES: list[Case] = [
     ("scale-nan", lambda w: lora_func.scale(w["lo"], nan), V, r"scale\(lora, c\): c must be a finite number"),
     ("scale-str", lambda w: lora_func.scale(w["lo"], "2"), T, r"scale\(lora, c\): c must be a real number"),
     ("scale-bool", lambda w: lora_func.scale(w["lo"], True), T, r"scale\(lora, c\): c must be a real number"),
-    ("scale-shape", lambda w: lora_func.scale(w["lo"], torch.ones(3)), V, r"scale\(lora, c\): c of shape \(3,\)"),
+    (
+        "scale-shape",
+        lambda w: lora_func.scale(w["lo"], torch.ones(3, device=_dev(w))),
+        V,
+        r"scale\(lora, c\): c of shape \(3,\)",
+    ),
     ("scale-meta", lambda w: lora_func.scale(w["lo"], torch.tensor(2.0, device="meta")), V, r"scale\(lora, c\): c"),
     ("scale-leaves", lambda w: lora_func.scale(w["leafless"], 2.0), T, r"scale\(lora, c\): lora has an adapter"),
     ("scale-tree", lambda w: lora_func.scale({"a": 1}, 2.0), T, r"scale\(lora, c\): lora must be a lora_func.LoRA"),
     ("add-shapes", lambda w: lora_func.add(w["lo"], w["adapters"]["2.weight"]), V, r"add\(a, b\): a was made for"),
-    ("add-devices", lambda w: lora_func.add(w["lo"], w["meta"]), V, r"add\(a, b\): a is on cpu but b on meta"),
+    ("add-devices", lambda w: lora_func.add(w["lo"], w["meta"]), V, r"add\(a, b\): a is on <dev> but b on meta"),
     ("add-leaves", lambda w: lora_func.add(w["lo"], w["leafless"]), T, r"add\(a, b\): b has an adapter"),
     ("add-structure", lambda w: lora_func.add({"x": w["lo"]}, {"y": w["lo"]}), V, r"add\(a, b\): a and b must have"),
     ("truncate-r0", lambda w: lora_func.truncate(w["lo"], 0), V, r"truncate\(lora, r\): r must be a positive int"),
@@ -336,12 +367,12 @@ CASES: list[Case] = [
     ),
     ("check-leaves", lambda w: lora_func.check({"0.weight": w["leafless"]}, w["plain"]), T, r"check\(.*leaves"),
     # the stateful layer
-    ("LP-shape", lambda w: lora_func.LoRAParam((4,), device="cpu"), V, r"LoRAParam: unsupported weight shape \(4,\)"),
-    ("LP-r0", lambda w: lora_func.LoRAParam((4, 3), r=0, device="cpu"), V, r"LoRAParam: r must be a positive int"),
-    ("LP-r-float", lambda w: lora_func.LoRAParam((4, 3), r=2.5, device="cpu"), T, r"LoRAParam: r must be a positive"),
-    ("LP-alpha", lambda w: lora_func.LoRAParam((4, 3), alpha=nan, device="cpu"), V, r"LoRAParam: alpha must be"),
-    ("LP-init", lambda w: lora_func.LoRAParam((4, 3), init="xavier", device="cpu"), V, r"LoRAParam: unknown init"),
-    ("LP-dtype", lambda w: lora_func.LoRAParam((4, 3), device="cpu", dtype=torch.int32), T, r"LoRAParam: dtype must"),
+    ("LP-shape", lambda w: lora_func.LoRAParam((4,), device=_dev(w)), V, r"LoRAParam: unsupported weight shape \(4,\)"),
+    ("LP-r0", lambda w: lora_func.LoRAParam((4, 3), r=0, device=_dev(w)), V, r"LoRAParam: r must be a positive int"),
+    ("LP-r-float", lambda w: lora_func.LoRAParam((4, 3), r=2.5, device=_dev(w)), T, r"LoRAParam: r must be a positive"),
+    ("LP-alpha", lambda w: lora_func.LoRAParam((4, 3), alpha=nan, device=_dev(w)), V, r"LoRAParam: alpha must be"),
+    ("LP-init", lambda w: lora_func.LoRAParam((4, 3), init="xavier", device=_dev(w)), V, r"LoRAParam: unknown init"),
+    ("LP-dtype", lambda w: lora_func.LoRAParam((4, 3), device=_dev(w), dtype=torch.int32), T, r"LoRAParam: dtype must"),
     ("LP-device", lambda w: lora_func.LoRAParam((4, 3), device="gpu9"), V, r"LoRAParam: device 'gpu9' is not"),
     (
         "LP-forward-shape",
@@ -397,7 +428,12 @@ CASES: list[Case] = [
         T,
         r"remove_lora\(module, 'weight'\): check_finite must be a bool",
     ),
-    ("check-dtypes", lambda w: lora_func.check({}, w["plain"], dtypes=torch.ones(2)), T, r"check\(.*dtypes must be"),
+    (
+        "check-dtypes",
+        lambda w: lora_func.check({}, w["plain"], dtypes=torch.ones(2, device=_dev(w))),
+        T,
+        r"check\(.*dtypes must be",
+    ),
     ("check-params", lambda w: lora_func.check({"w": w["lo"]}, {"w": None}), T, r"check\(.*must map names to tensors"),
     ("remove-merge", lambda w: lora_func.remove_lora(w["with_lora"][0], merge="yes"), T, r"remove_lora.*merge must"),
     (
@@ -441,7 +477,9 @@ CASES: list[Case] = [
     ),
     (
         "set-scaling",
-        lambda w: lora_func.set_adapters(w["plain"], {"0.weight": w["lo"].replace(scaling=torch.tensor(nan))}),
+        lambda w: lora_func.set_adapters(
+            w["plain"], {"0.weight": w["lo"].replace(scaling=torch.tensor(nan, device=_dev(w)))}
+        ),
         V,
         r"set_adapters\(module, adapters\): adapters\['0.weight'\] has non-finite scaling",
     ),
@@ -509,10 +547,15 @@ CASES: list[Case] = [
     ("assign-shape", lambda w: lora_func.assign_grads({"a": w["lo"]}, {"a": w["stacked"]}), V, r"a gradient has shape"),
     ("assign-names", lambda w: lora_func.assign_grads({"a": w["lo"]}, {"b": w["lo"]}), V, r"grads holds adapters"),
     ("me-model", lambda w: lora_func.merge_error(w["lo"], None, w["W"]), T, r"merge_error.*model must be an nn"),
-    ("me-none", lambda w: lora_func.merge_error(w["plain"], None, torch.ones(1, 3)), V, r"merge_error.*no adapters"),
+    (
+        "me-none",
+        lambda w: lora_func.merge_error(w["plain"], None, torch.ones(1, 3, device=_dev(w))),
+        V,
+        r"merge_error.*no adapters",
+    ),
     (
         "me-misfit",
-        lambda w: lora_func.merge_error(w["plain"], {"2.weight": w["lo"]}, torch.ones(1, 3)),
+        lambda w: lora_func.merge_error(w["plain"], {"2.weight": w["lo"]}, torch.ones(1, 3, device=_dev(w))),
         V,
         r"2\.weight",
     ),
@@ -521,34 +564,124 @@ CASES: list[Case] = [
 
 @pytest.mark.parametrize(("fn", "exc", "match"), [pytest.param(f, e, m, id=i) for i, f, e, m in CASES])
 def test_bad_input_is_refused_and_changes_nothing(
-    fn: Callable[[dict[str, Any]], Any], exc: type[Exception], match: str
+    device: str, fn: Callable[[dict[str, Any]], Any], exc: type[Exception], match: str
 ) -> None:
-    w = world()
+    w = world(device)
     before = snapshot(w)
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match.replace("<dev>", _dev_re(_dev(w)))):
         fn(w)
     assert_same(before, snapshot(w))
 
 
+@pytest.mark.device_independent("checks the names of the cases; makes no tensors")
 def test_catalogue_ids_are_unique() -> None:
     ids = [i for i, *_ in CASES]
     assert len(ids) == len(set(ids))
 
 
-def test_routing_indices_out_of_range() -> None:
-    w = world()
+def test_routing_indices_out_of_range(device: str) -> None:
+    w = world(device)
     params = {"w": w["W"]}
     before = snapshot(w)
     with pytest.raises(ValueError, match=r"lora_params.*index"):
-        lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([0, 2]))
+        lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([0, 2], device=device))
     with pytest.raises(ValueError, match=r"lora_params.*index"):
-        lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([-3]))
+        lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([-3], device=device))
     with pytest.raises(TypeError, match=r"lora_params.*index"):
-        lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([0.5]))
+        lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([0.5], device=device))
     with pytest.raises(ValueError, match=r"lora_params.*index must have shape \(batch,\)"):
-        lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([[0]]))
+        lora_func.lora_params(params, {"w": w["stacked"]}, index=torch.tensor([[0]], device=device))
     with pytest.raises(ValueError, match=r"lora_params.*not stacked"):
-        lora_func.lora_params(params, {"w": w["lo"]}, index=torch.tensor([0]))
+        lora_func.lora_params(params, {"w": w["lo"]}, index=torch.tensor([0], device=device))
+    assert_same(before, snapshot(w))
+
+
+# --- bases and adapters on two real devices (with CUDA) ------------------------------------------
+
+#: Mismatches between two devices that both hold values. ``w["far"]`` is ``w["lo"]`` and
+#: ``w["far_W"]`` is ``w["W"]`` on the other device (the CPU for a world on CUDA, CUDA for one
+#: on the CPU); ``<dev>`` and ``<far>`` in a pattern stand for the two devices.
+CROSS_DEVICE_CASES: list[Case] = [
+    (
+        "init-generator",
+        lambda w: lora_func.init((4, 3), init="gaussian", device=_dev(w), generator=torch.Generator(_far(w))),
+        V,
+        r"init: generator is on <far> but the factors are made on <dev>",
+    ),
+    (
+        "init_adapters-generator",
+        lambda w: lora_func.init_adapters(w["plain"], "*.weight", init="gaussian", generator=torch.Generator(_far(w))),
+        V,
+        r"init: generator is on <far> but the factors are made on <dev>",
+    ),
+    ("LoRA", lambda w: lora_func.LoRA(w["lo"].A, w["far"].B, 1.0, (4, 3)), V, r"LoRA: A is on <dev> but B is on <far>"),
+    (
+        "merge",
+        lambda w: lora_func.merge(w["W"], w["far"]),
+        V,
+        r"merge\(base, lora\): base is on <dev> but lora is on <far>",
+    ),
+    *[
+        (
+            tag,
+            lambda w, fn=fn: fn({"w": w["W"]}, {"w": w["far"]}),
+            V,
+            rf"{tag}\(params, adapters\): adapter 'w': .*base is on <dev>.* on <far>",
+        )
+        for fn, tag in ((lora_func.effective_params, "effective_params"), (lora_func.lora_params, "lora_params"))
+    ],
+    (
+        "LoRAWeight",
+        lambda w: lora_func.LoRAWeight(w["W"], w["far"]),
+        V,
+        r"LoRAWeight\(base, lora\): base is on <dev>, A on <far>",
+    ),
+    (
+        "stack",
+        lambda w: lora_func.stack([w["lo"], w["far"]]),
+        V,
+        r"stack\(trees\): trees\[1\] has a leaf on <far> but trees\[0\] is on <dev>",
+    ),
+    ("add", lambda w: lora_func.add(w["lo"], w["far"]), V, r"add\(a, b\): a is on <dev> but b on <far>"),
+    (
+        "LoRAParam.forward",
+        lambda w: w["with_lora"][0].parametrizations.weight[0](w["far_W"]),
+        V,
+        r"LoRAParam.forward\(W_base\): W_base has shape \(4, 3\) on <far>, but .* on <dev>",
+    ),
+    (
+        "apply_lora",
+        lambda w: lora_func.apply_lora(w["plain"][0], device=_far(w)),
+        V,
+        r"apply_lora\(module, 'weight'\): device <far> differs from the weight's device <dev>",
+    ),
+    (
+        "lora_params-index",
+        lambda w: lora_func.lora_params(
+            {"w": w["W"]}, {"w": w["stacked"]}, index=torch.tensor([0], device=w["far_W"].device)
+        ),
+        V,
+        r"lora_params\(params, adapters, index=...\): index is on <far> but the weights are on <dev>",
+    ),
+]
+
+
+def _far(w: dict[str, Any]) -> str:
+    """The other device: ``"cpu"`` for a world on CUDA, ``"cuda"`` for one on the CPU."""
+    return "cpu" if _dev(w).type != "cpu" else "cuda"
+
+
+@requires_cuda
+@pytest.mark.parametrize(("fn", "exc", "match"), [pytest.param(f, e, m, id=i) for i, f, e, m in CROSS_DEVICE_CASES])
+def test_two_real_devices_are_refused_and_change_nothing(
+    device: str, fn: Callable[[dict[str, Any]], Any], exc: type[Exception], match: str
+) -> None:
+    w = world(device)
+    w["far"], w["far_W"] = _to(w["lo"], _far(w)), w["W"].to(_far(w))
+    before = snapshot(w)
+    match = match.replace("<dev>", _dev_re(_dev(w))).replace("<far>", _dev_re(w["far_W"].device))
+    with pytest.raises(exc, match=match):
+        fn(w)
     assert_same(before, snapshot(w))
 
 
@@ -556,6 +689,7 @@ def test_routing_indices_out_of_range() -> None:
 NO_BAD_INPUT = {"INITS", "is_lora", "trainable"}
 
 
+@pytest.mark.device_independent("reads this file's source and lora_func.__all__; makes no tensors")
 def test_catalogue_feeds_every_public_function() -> None:
     """Every public function of the modules this catalogue covers has at least one case."""
     import inspect
@@ -576,12 +710,14 @@ MODULES = {
 }  # fmt: skip
 
 
-def test_snapshot_sees_every_kind_of_change() -> None:
+def test_snapshot_sees_every_kind_of_change(device: str) -> None:
     """The comparison above can fail: each kind of change it must catch, it catches."""
     changes: list[Callable[[dict[str, Any]], Any]] = [
         lambda w: w["W"].view(-1)[0].neg_(),  # one value
-        lambda w: w["Wc"].copy_(torch.where(w["Wc"] == 0, -0.0, w["Wc"]).nextafter(torch.tensor(inf))),  # 1 ulp
-        lambda w: w["lo"].B.view(-1)[3].copy_(torch.tensor(float("nan"))),  # NaN in an adapter
+        lambda w: w["Wc"].copy_(
+            torch.where(w["Wc"] == 0, -0.0, w["Wc"]).nextafter(torch.full_like(w["Wc"], inf))
+        ),  # 1 ulp
+        lambda w: w["lo"].B.view(-1)[3].fill_(nan),  # NaN in an adapter
         lambda w: w["lo"].A.requires_grad_(False),  # a flag
         lambda w: w["plain"][0].weight.requires_grad_(False),
         lambda w: lora_func.apply_lora(w["plain"][0]),  # class and parametrizations
@@ -591,7 +727,7 @@ def test_snapshot_sees_every_kind_of_change() -> None:
         lambda w: w["with_lora"][0].parametrizations.weight[0].A.data.zero_(),
     ]
     for i, change in enumerate(changes):
-        w = world()
+        w = world(device)
         before = snapshot(w)
         change(w)
         with pytest.raises(AssertionError):
@@ -605,20 +741,21 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
 
 
 @st.composite
-def _tensors(draw: st.DrawFn) -> torch.Tensor:
+def _tensors(draw: st.DrawFn, device: str) -> torch.Tensor:
     shape = draw(st.lists(st.integers(0, 4), max_size=4))
     dtype = draw(st.sampled_from(_DTYPES))
     fill = draw(st.sampled_from([0.0, 1.0, -2.5, nan, inf]))
-    t = torch.full(shape, fill) if dtype.is_floating_point else torch.ones(shape)
+    t = torch.full(shape, fill, device=device) if dtype.is_floating_point else torch.ones(shape, device=device)
     return t.to(dtype)
 
 
 @st.composite
-def _loras(draw: st.DrawFn) -> lora_func.LoRA:
+def _loras(draw: st.DrawFn, device: str) -> lora_func.LoRA:
     shape = draw(st.sampled_from([(4, 3), (2, 3), (4, 2, 3), (2, 2, 2, 2), (3, 1, 1, 1, 2)]))
     r = draw(st.integers(1, 3))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    lo = lora_func.init(shape, r=r, alpha=draw(st.sampled_from([1.0, 8.0])), init="gaussian", dtype=dtype)
+    alpha = draw(st.sampled_from([1.0, 8.0]))
+    lo = lora_func.init(shape, r=r, alpha=alpha, init="gaussian", dtype=dtype, device=device)
     return lora_func.stack([lo, lo]) if draw(st.booleans()) else lo
 
 
@@ -632,27 +769,32 @@ _scalars = st.one_of(
     st.sampled_from(_DTYPES),
     st.just(torch.device("meta")),
 )
-_leaves = st.one_of(_scalars, _tensors(), _loras(), st.tuples(st.integers(-1, 5), st.integers(-1, 5)))
-_anything = st.one_of(
-    _leaves,
-    st.lists(_leaves, max_size=3),
-    st.dictionaries(st.sampled_from(["0.weight", "weight", "2.weight", "w", "bias", ""]), _leaves, max_size=3),
-)
+
+
+@functools.cache
+def _anything(device: str) -> st.SearchStrategy[Any]:
+    """Junk arguments; the tensors and adapters among them are on ``device``, like the valid ones."""
+    leaves = st.one_of(_scalars, _tensors(device), _loras(device), st.tuples(st.integers(-1, 5), st.integers(-1, 5)))
+    return st.one_of(
+        leaves,
+        st.lists(leaves, max_size=3),
+        st.dictionaries(st.sampled_from(["0.weight", "weight", "2.weight", "w", "bias", ""]), leaves, max_size=3),
+    )
 
 
 def _module() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
 
 
-def _good(name: str, module: nn.Module, folder: str) -> tuple[list[Any], dict[str, Any]]:
-    """A valid call of ``name`` (the fuzzer then replaces some of its arguments)."""
-    lo = lora_func.init((4, 3), r=2, init="gaussian")
+def _good(name: str, module: nn.Module, folder: str, device: str) -> tuple[list[Any], dict[str, Any]]:
+    """A valid call of ``name`` on ``device`` (the fuzzer then replaces some of its arguments)."""
+    lo = lora_func.init((4, 3), r=2, init="gaussian", device=device)
     stacked = lora_func.stack([lo, lo])
     params = lora_func.base_params(module)
     path = os.path.join(folder, "a.safetensors")
     lora_func.save({"0.weight": lo}, path)
     calls: dict[str, tuple[list[Any], dict[str, Any]]] = {
-        "init": ([(4, 3), 2, 8.0, "gaussian"], {"dtype": torch.float64, "device": "cpu"}),
+        "init": ([(4, 3), 2, 8.0, "gaussian"], {"dtype": torch.float64, "device": device}),
         "delta": ([lo], {}),
         "merge": ([params["0.weight"], lo], {"check_finite": True}),
         "init_adapters": ([module, "*.weight"], {"r": 2, "alpha": 4.0, "init": "zeros"}),
@@ -661,7 +803,7 @@ def _good(name: str, module: nn.Module, folder: str) -> tuple[list[Any], dict[st
         "stack": ([[lo, lo]], {}),
         "unstack": ([stacked], {}),
         "LoRA": ([lo.A, lo.B, 0.5, (4, 3)], {}),
-        "LoRAParam": ([(4, 3), 2, 8.0, "zeros", "cpu"], {"dtype": torch.float32}),
+        "LoRAParam": ([(4, 3), 2, 8.0, "zeros", device], {"dtype": torch.float32}),
         "LoRAWeight": ([params["0.weight"], lo, "auto"], {}),
         "apply_lora": ([module[2], "weight", 2, 4.0, "gaussian"], {}),
         "remove_lora": ([module[0], "weight", True], {"check_finite": True}),
@@ -674,7 +816,7 @@ def _good(name: str, module: nn.Module, folder: str) -> tuple[list[Any], dict[st
         "weighted_sum": ([stacked, [0.5, 0.5]], {"rank": 1}),
         "mean": ([stacked], {"rank": 2}),
         "save": ([{"0.weight": lo}, path], {"metadata": {"step": 1}}),
-        "load": ([path], {"device": "cpu"}),
+        "load": ([path], {"device": device}),
         "check": ([{"0.weight": lo}, module], {"targets": "0.weight", "dtypes": True}),
         "base_params": ([module], {}),
     }
@@ -720,18 +862,18 @@ EXTRA = {"save": (OSError,), "load": (OSError,)}
         )
     ),
 )
-def test_fuzz_public_api_raises_only_documented_errors(data: st.DataObject, name: str) -> None:
-    module = _module()
+def test_fuzz_public_api_raises_only_documented_errors(device: str, data: st.DataObject, name: str) -> None:
+    module = _module().to(device)
     lora_func.apply_lora(module[0], r=2, init="gaussian")
     with tempfile.TemporaryDirectory() as folder:
-        args, kwargs = _good(name, module, folder)
+        args, kwargs = _good(name, module, folder, device)
         # Replace some arguments with random values, drop trailing ones, or pass junk keywords.
         for i in data.draw(st.lists(st.integers(0, max(len(args) - 1, 0)), max_size=2), label="replaced"):
             if args:
-                args[i] = data.draw(_anything, label=f"arg{i}")
+                args[i] = data.draw(_anything(device), label=f"arg{i}")
         for k in list(kwargs):
             if data.draw(st.booleans(), label=f"replace {k}"):
-                kwargs[k] = data.draw(_anything, label=k)
+                kwargs[k] = data.draw(_anything(device), label=k)
         args = args[: data.draw(st.integers(0, len(args)), label="n_args")] if data.draw(st.booleans()) else args
         cwd = os.getcwd()
         os.chdir(folder)  # a random string given as a path writes here, not in the repository
