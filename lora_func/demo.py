@@ -212,13 +212,11 @@ def _loss_fn(model: nn.Module, params: dict[str, torch.Tensor]) -> Callable[...,
 def init_sweep(
     params: dict[str, torch.Tensor], alphas: Sequence[float], seeds: Sequence[int], r: int = 4
 ) -> dict[str, lora_func.LoRA]:
-    """K adapters on all four weights, adapter k with ``alphas[k]`` drawn from ``seeds[k]``, stacked."""
-    return lora_func.stack(
-        [
-            lora_func.init_adapters(params, TARGETS, r=r, alpha=float(a), generator=torch.Generator().manual_seed(s))
-            for a, s in zip(alphas, seeds, strict=True)
-        ]
-    )
+    """K adapters on all four weights, adapter k with ``alphas[k]`` drawn from ``seeds[k]``, stacked.
+
+    Each adapter draws from a generator on the parameters' device (:func:`lora_func.init_stack`).
+    """
+    return lora_func.init_stack(params, TARGETS, r=r, alphas=[float(a) for a in alphas], seeds=list(seeds))
 
 
 def _sampler(seeds: Sequence[int], n: int, batch: int, device: torch.device) -> Callable[[], torch.Tensor]:
