@@ -112,7 +112,8 @@ def init_adapters(
         r: the rank of every adapter.
         alpha: ``scaling = alpha / r``.
         init: see :func:`lora_func.init`.
-        generator: the random generator to draw from.
+        generator: the random generator to draw from, on the targets' kind of device
+            (``torch.Generator("cuda")`` for a model on CUDA).
         dtype: the dtype of every ``A`` and ``B``: ``None`` (the default) means each
             parameter's own dtype; ``torch.float32`` keeps the adapters of a
             bfloat16/float16 model in float32 (the optimizer then updates float32
@@ -124,8 +125,9 @@ def init_adapters(
 
     Raises:
         ValueError: if a pattern matches nothing, a matched parameter is not 2- to 5-D
-            (narrow the pattern, e.g. ``"*.weight"``), or ``r``/``alpha``/``init`` is
-            invalid.
+            (narrow the pattern, e.g. ``"*.weight"``), ``r``/``alpha``/``init`` is
+            invalid, or ``generator`` is on another kind of device than the targets
+            (checked before anything is drawn).
         TypeError: if ``module_or_params`` or ``targets`` has the wrong type, or
             ``dtype`` is not a floating-point ``torch.dtype``.
 
@@ -160,6 +162,14 @@ def init_adapters(
     ints = {n: str(params[n].dtype) for n in names if not params[n].dtype.is_floating_point}
     if ints:
         raise TypeError(f"{where}: targets match parameters that are not floating-point: {ints}")
+    if isinstance(generator, torch.Generator):
+        kinds = (generator.device.type, "meta")
+        far = sorted({str(params[n].device) for n in names if params[n].device.type not in kinds})
+        if far:
+            raise ValueError(
+                f"{where}: generator is on {generator.device} but the targets are on {', '.join(far)}; "
+                f"draw from a torch.Generator({torch.device(far[0]).type!r})"
+            )
     out = {}
     for n in names:
         p = params[n]

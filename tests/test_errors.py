@@ -345,6 +345,8 @@ CASES: list[Case] = [
     ("ws-str", lambda w: lora_func.weighted_sum(w["stacked"], "ab"), T, r"weighted_sum\(stacked, weights\): weights"),
     ("ws-single", lambda w: lora_func.weighted_sum(w["lo"], [1.0]), V, r"weighted_sum\(stacked, weights\): stacked"),
     ("ws-rank", lambda w: lora_func.weighted_sum(w["stacked"], [1.0, 2.0], rank=0), V, r"weighted_sum.* r must be"),
+    ("ws-nan", lambda w: lora_func.weighted_sum(w["stacked"], [1.0, math.nan]), V, r"weighted_sum.*must be finite"),
+    ("ws-inf", lambda w: lora_func.weighted_sum(w["stacked"], [-math.inf, 1]), V, r"weighted_sum.*must be finite"),
     ("mean-single", lambda w: lora_func.mean(w["lo"]), V, r"mean\(stacked\): stacked must have a leading K"),
     # files
     ("save-meta", lambda w: lora_func.save(w["meta"], "unused"), V, r"save\(adapters, path\): adapters is on the meta"),
@@ -523,6 +525,12 @@ CASES: list[Case] = [
         V,
         r"import_peft.*is not a PEFT LoRA config",
     ),
+    (  # the device is checked first: this folder holds no files at all
+        "import-device",
+        lambda w: lora_func.import_peft(tempfile.mkdtemp(), device="gpu0"),
+        V,
+        r"import_peft\(directory\): device 'gpu0' is not a valid, available torch device",
+    ),
     ("meta-corrupt", lambda w: lora_func.load_metadata(_corrupt_file(w)), V, r"load_metadata\(path\): .* not a"),
     ("ep-type", lambda w: lora_func.effective_params({"w": w["W"]}, [w["lo"]]), T, r"effective_params.*adapters must"),
     ("arg-op", lambda w: lora_func.all_reduce_grads(w["adapters"], op="max"), V, r"all_reduce_grads: op must be"),
@@ -612,7 +620,7 @@ CROSS_DEVICE_CASES: list[Case] = [
         "init_adapters-generator",
         lambda w: lora_func.init_adapters(w["plain"], "*.weight", init="gaussian", generator=torch.Generator(_far(w))),
         V,
-        r"init: generator is on <far> but the factors are made on <dev>",
+        r"init_adapters: generator is on <far> but the targets are on <dev>",
     ),
     ("LoRA", lambda w: lora_func.LoRA(w["lo"].A, w["far"].B, 1.0, (4, 3)), V, r"LoRA: A is on <dev> but B is on <far>"),
     (
