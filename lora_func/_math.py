@@ -64,6 +64,15 @@ def check_device(device: Any, where: str) -> torch.device:
         raise ValueError(f"{where}: device {device!r} is not a valid, available torch device") from None
 
 
+def check_generator(generator: Any, device: torch.device, where: str, what: str) -> None:
+    """A ``ValueError`` if ``generator`` cannot draw on ``device`` (a generator of another device type)."""
+    if isinstance(generator, torch.Generator) and device.type not in (generator.device.type, "meta"):
+        raise ValueError(
+            f"{where}: generator is on {generator.device} but {what} on {device}; "
+            f"draw from a torch.Generator({device.type!r})"
+        )
+
+
 def check_init(init: Any, where: str) -> str:
     if init not in INITS:
         raise ValueError(f"{where}: unknown init {init!r}; expected one of {list(INITS)}")
@@ -148,11 +157,7 @@ def init(
     # B is created before A, as in the documented LoRAParam (this order draws nothing).
     B = torch.empty(dims[0], r, device=device, dtype=dtype)
     A = torch.empty(r, _prod(dims[1:]), device=device, dtype=dtype)
-    if isinstance(generator, torch.Generator) and A.device.type not in (generator.device.type, "meta"):
-        raise ValueError(
-            f"init: generator is on {generator.device} but the factors are made on {A.device}; "
-            f"draw from a torch.Generator({A.device.type!r})"
-        )
+    check_generator(generator, A.device, "init", "the factors are made")
     fill_factors(A, B, init, generator)
     scaling = torch.tensor(alpha / r, dtype=_scaling_dtype(dtype), device=A.device)
     return LoRA(A, B, scaling, dims)

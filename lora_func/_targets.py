@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._math import WEIGHT_DIMS, check_alpha, check_init, check_rank, merge
+from ._math import WEIGHT_DIMS, check_alpha, check_generator, check_init, check_rank, merge
 from ._math import init as init_one
 from ._tree import LoRA
 
@@ -162,14 +162,8 @@ def init_adapters(
     ints = {n: str(params[n].dtype) for n in names if not params[n].dtype.is_floating_point}
     if ints:
         raise TypeError(f"{where}: targets match parameters that are not floating-point: {ints}")
-    if isinstance(generator, torch.Generator):
-        kinds = (generator.device.type, "meta")
-        far = sorted({str(params[n].device) for n in names if params[n].device.type not in kinds})
-        if far:
-            raise ValueError(
-                f"{where}: generator is on {generator.device} but the targets are on {', '.join(far)}; "
-                f"draw from a torch.Generator({torch.device(far[0]).type!r})"
-            )
+    for dev in {params[n].device for n in names}:  # before anything is drawn
+        check_generator(generator, dev, where, "the targets are")
     out = {}
     for n in names:
         p = params[n]
