@@ -14,9 +14,11 @@ from float32 rounding (``2**-24``), which TF32 (``2**-11``) would exceed by desi
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
+import torch.utils._pytree as torch_pytree
 from hypothesis import HealthCheck, settings
 
 # Torch ops are slow to start and the CI machine is small and shared: no per-example
@@ -38,6 +40,20 @@ if torch.cuda.is_available():
 
 #: Marks a test of CUDA-only behaviour; skipped without CUDA.
 requires_cuda = pytest.mark.cuda
+
+
+def to_device(tree: Any, device: str | torch.device) -> Any:
+    """``tree`` (adapters, tensors, containers of them) with every tensor leaf copied to ``device``."""
+    return torch_pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
+
+
+def rng_states(device: str) -> list[torch.Tensor]:
+    """The global generators' states that a draw on ``device`` could advance: the CPU's, and
+    the device's own where it has one (CPU byte tensors: compare them with ``torch.equal``)."""
+    states = [torch.random.get_rng_state()]
+    if torch.device(device).type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
 
 
 @pytest.fixture(scope="session", params=DEVICES)

@@ -32,7 +32,7 @@ from torch import nn
 
 import lora_func
 
-from .conftest import requires_cuda
+from .conftest import requires_cuda, to_device
 
 # --- the world every case runs against -------------------------------------------------------
 
@@ -51,28 +51,23 @@ def world(device: str) -> dict[str, Any]:
     with_lora[2].weight.requires_grad_(False)  # a frozen plain weight: its flag must survive too
     ints = nn.Linear(3, 4)
     ints.weight = nn.Parameter(torch.arange(12).reshape(4, 3), requires_grad=False)
-    adapters = _to(lora_func.init_adapters(plain, "*.weight", r=2, init="gaussian", generator=g), device)
+    adapters = to_device(lora_func.init_adapters(plain, "*.weight", r=2, init="gaussian", generator=g), device)
     lo = lora_func.init((4, 3), r=2, alpha=4.0, init="gaussian", generator=g)
     A = lora_func.init((4, 3), r=2, init="gaussian", generator=g).A
-    lo = _to(lo, device).replace(A=A.to(device).requires_grad_())  # a leaf on the device, whose flag can change
+    lo = to_device(lo, device).replace(A=A.to(device).requires_grad_())  # a leaf on the device, whose flag can change
     return {
         "plain": plain.to(device),
         "with_lora": with_lora.to(device),
         "ints": ints.to(device),
         "adapters": adapters,
         "lo": lo,
-        "r3": _to(lora_func.init((4, 3), r=3, init="gaussian", generator=g), device),
+        "r3": to_device(lora_func.init((4, 3), r=3, init="gaussian", generator=g), device),
         "stacked": lora_func.stack([lo, lo]),
         "meta": lora_func.LoRA(lo.A.detach().to("meta"), lo.B.to("meta"), lo.scaling.to("meta"), lo.shape),
         "leafless": torch_pytree.tree_map(lambda _: 1, lo),
         "W": torch.randn(4, 3, generator=g).to(device),
         "Wc": torch.randn(2, 4, 3, generator=g).to(device),
     }
-
-
-def _to(tree: Any, device: str | torch.device) -> Any:
-    """``tree`` with every tensor leaf moved to ``device``."""
-    return torch_pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
 
 
 def _dev(w: dict[str, Any]) -> torch.device:
@@ -685,7 +680,7 @@ def test_two_real_devices_are_refused_and_change_nothing(
     device: str, fn: Callable[[dict[str, Any]], Any], exc: type[Exception], match: str
 ) -> None:
     w = world(device)
-    w["far"], w["far_W"] = _to(w["lo"], _far(w)), w["W"].to(_far(w))
+    w["far"], w["far_W"] = to_device(w["lo"], _far(w)), w["W"].to(_far(w))
     before = snapshot(w)
     match = match.replace("<dev>", _dev_re(_dev(w))).replace("<far>", _dev_re(w["far_W"].device))
     with pytest.raises(exc, match=match):

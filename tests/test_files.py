@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 
 import lora_func
 
+from .conftest import to_device
+
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -33,11 +35,6 @@ def _random_lora(shape, r, dtype, device, batch=(), alpha=2.0, seed=0):
     B = torch.randn(*batch, shape[0], r, generator=g).to(dtype)
     scaling = torch.full(batch, alpha / r, dtype=torch.float32)
     return lora_func.LoRA(A.to(device), B.to(device), scaling.to(device), shape)
-
-
-def _to(lora: lora_func.LoRA, device) -> lora_func.LoRA:
-    """A copy of ``lora`` on ``device`` (a plain copy: the bits do not change)."""
-    return lora_func.LoRA(lora.A.to(device), lora.B.to(device), lora.scaling.to(device), lora.shape)
 
 
 def _assert_same(a: lora_func.LoRA, b: lora_func.LoRA) -> None:
@@ -68,11 +65,11 @@ def test_round_trip_is_bit_exact(tmp_path_factory, device, shape, r, dtype, k, s
     for where in ("cpu", device):  # saved from device; loaded to the CPU (the default) and back to device
         back = lora_func.load(path) if where == "cpu" else lora_func.load(path, device=device)
         if single:
-            _assert_same(back, _to(lora, where))
+            _assert_same(back, to_device(lora, where))
         else:
             assert list(back) == list(adapters)
             for name in adapters:
-                _assert_same(back[name], _to(adapters[name], where))
+                _assert_same(back[name], to_device(adapters[name], where))
     assert lora_func.load_metadata(path) == {"seed": seed, "tags": ["x", 1.5]}
 
 
@@ -95,8 +92,8 @@ def test_unstacked_views_sharing_memory_are_saved(tmp_path, device):
     path = tmp_path / "v.safetensors"
     lora_func.save({"a": views[0], "b": views[1]}, path)
     back = lora_func.load(path)
-    _assert_same(back["a"], _to(views[0], "cpu"))
-    _assert_same(back["b"], _to(views[1], "cpu"))
+    _assert_same(back["a"], to_device(views[0], "cpu"))
+    _assert_same(back["b"], to_device(views[1], "cpu"))
     back = lora_func.load(path, device=device)
     _assert_same(back["a"], views[0])
     _assert_same(back["b"], views[1])
@@ -107,7 +104,7 @@ def test_load_to_device(tmp_path, device):
     lora_func.save(lora, tmp_path / "a.safetensors")
     back = lora_func.load(tmp_path / "a.safetensors", device=device)
     assert back.A.device.type == device and back.scaling.device.type == device
-    _assert_same(_to(back, "cpu"), lora)
+    _assert_same(to_device(back, "cpu"), lora)
 
 
 @pytest.mark.parametrize("failing", ["fsync", "replace"])

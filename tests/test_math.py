@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 import lora_func
 from lora_func import LoRA
 
+from .conftest import rng_states
+
 # Unit roundoff of each floating dtype (half the machine epsilon).
 UNIT = {dt: torch.finfo(dt).eps / 2 for dt in (torch.float32, torch.float64, torch.bfloat16)}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -202,20 +204,6 @@ def test_merge_errors(device):
 # --- init -------------------------------------------------------------------------------------
 
 
-def _global_rng_states(device: str) -> list[torch.Tensor]:
-    """The states of the global generators a draw on ``device`` could advance: the CPU's, and
-    the device's own default generator when it is not the CPU."""
-    states = [torch.random.get_rng_state()]
-    if torch.device(device).type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _same_states(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    # RNG states are CPU byte tensors on every device: compared exactly.
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
 @given(weight_shapes(), ranks, alphas, st.sampled_from(lora_func.INITS), st.sampled_from(DTYPES))
 def test_init_shapes_scaling_dtypes(device, shape, r, alpha, init, dtype):
     gen = torch.Generator(device).manual_seed(0)
@@ -247,9 +235,9 @@ def test_init_defaults(device):
 
 @given(weight_shapes(), ranks, st.sampled_from(DTYPES))
 def test_init_zeros_is_exactly_zero(device, shape, r, dtype):
-    before = _global_rng_states(device)
+    before = rng_states(device)
     lora = lora_func.init(shape, r, 4.0, "zeros", dtype=dtype, device=device)
-    assert _same_states(_global_rng_states(device), before)  # zeros draws nothing
+    assert all(map(torch.equal, rng_states(device), before))  # zeros draws nothing
     assert bool(lora.A.eq(0).all()) and bool(lora.B.eq(0).all())
     W = _randn(shape, torch.Generator().manual_seed(r), dtype, device)
     # Exact on every device: B @ A is a sum of exact zeros, and W + 0 (or its float32 round
@@ -305,10 +293,10 @@ def test_init_generator_is_reproducible_and_leaves_global_rng_alone(device, shap
     def make(s: int) -> LoRA:
         return lora_func.init(shape, r, init=init, generator=torch.Generator(device).manual_seed(s), device=device)
 
-    before = _global_rng_states(device)
+    before = rng_states(device)
     a = make(seed)
     b = make(seed)
-    assert _same_states(_global_rng_states(device), before)
+    assert all(map(torch.equal, rng_states(device), before))
     # Exact on every device: the same kernel, the same generator state, the same order.
     assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
     c = make(seed + 1)

@@ -18,6 +18,8 @@ from torch import nn  # noqa: E402
 
 import lora_func  # noqa: E402
 
+from .conftest import to_device  # noqa: E402
+
 # Everything runs in float64: PEFT adds B(A(x)) to the base output, we use the merged weight;
 # the two differ only by float64 rounding of sums of a few dozen terms (~1e-15 relative), on
 # any device (TF32 touches float32 only).
@@ -58,11 +60,6 @@ def _inputs(seed: int = 1, device: str = "cpu"):
     )
 
 
-def _to(tree, device):
-    """``tree`` (adapters, inputs) with every tensor moved to ``device``."""
-    return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
-
-
 def _ours(base: nn.Module, adapters, inputs):
     params = lora_func.effective_params(lora_func.base_params(base), adapters)
     return torch.func.functional_call(base, params, inputs)
@@ -75,7 +72,7 @@ def _reference(base: nn.Module, adapters, inputs):
         for name, lora in adapters.items():
             w = model.get_parameter(name)
             w += float(lora.scaling) * (lora.B.cpu().double() @ lora.A.cpu().double()).view(w.shape)
-    return model(*_to(inputs, "cpu"))
+    return model(*to_device(inputs, "cpu"))
 
 
 def _assert_outputs_close(a, b):
@@ -161,7 +158,7 @@ def test_layouts_are_peft_s(tmp_path, device):
     )
     lora_func.export_peft(adapters, tmp_path, model=base)
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
-    emb = _to(adapters["emb.weight"], "cpu")  # the file's tensors are on the CPU; copies, exact
+    emb = to_device(adapters["emb.weight"], "cpu")  # the file's tensors are on the CPU; copies, exact
     assert torch.equal(tensors["base_model.model.emb.lora_embedding_A"], emb.B.T)  # (r, num_embeddings)
     assert torch.equal(tensors["base_model.model.emb.lora_embedding_B"], emb.A.T)  # (embedding_dim, r)
     assert tensors["base_model.model.block.1.lora_A.weight"].shape == (2, 3, 3, 3)
@@ -418,7 +415,7 @@ def test_conversion_check_catches_a_wrong_layout(kind, device):
     shape = (5, 5, 3) if kind == "conv" else (5, 5)
     A = torch.randn(2, 5 * (3 if kind == "conv" else 1), generator=g, dtype=torch.float64)
     B = torch.randn(5, 2, generator=g, dtype=torch.float64)
-    lora = _to(lora_func.LoRA(A, B, torch.tensor(0.5), shape), device)
+    lora = to_device(lora_func.LoRA(A, B, torch.tensor(0.5), shape), device)
     if kind == "conv":
         right = (lora.A.view(2, 5, 3), lora.B.view(5, 2, 1))
         wrong = (lora.A.view(2, 3, 5).transpose(1, 2), lora.B.view(5, 2, 1))  # kernel and channel axes swapped

@@ -23,7 +23,7 @@ from torch import nn
 import lora_func
 from lora_func import LoRA, LoRAParam, apply_lora, get_adapters, module_params, remove_lora, set_adapters
 
-from .conftest import requires_cuda
+from .conftest import requires_cuda, rng_states
 
 # --- the documented original, restated --------------------------------------------------------
 
@@ -609,14 +609,6 @@ def test_get_adapters_keys_and_values(device: str) -> None:
     assert get_adapters(_mlp().to(device)) == {}
 
 
-def _rng_states(device: str) -> list[torch.Tensor]:
-    """The global generators' states: the CPU's, and the device's where it has its own."""
-    states = [torch.get_rng_state()]
-    if torch.device(device).type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
 def test_set_adapters_applies_lora_where_missing_and_copies_values(device: str) -> None:
     torch.manual_seed(0)
     model = _mlp().to(device)
@@ -624,9 +616,9 @@ def test_set_adapters_applies_lora_where_missing_and_copies_values(device: str) 
     W2 = model[2].weight.detach().clone()
     new = lora_func.init_adapters(model, "*.weight", r=2, alpha=6.0, init="gaussian")
     new = {k: v.replace(B=torch.randn(v.B.shape).to(device)) for k, v in new.items()}
-    rng = _rng_states(device)
+    rng = rng_states(device)
     set_adapters(model, new)
-    assert all(map(torch.equal, _rng_states(device), rng))  # no random draws, on the CPU or the device
+    assert all(map(torch.equal, rng_states(device), rng))  # no random draws, on the CPU or the device
     assert P.is_parametrized(model[2], "weight") and not model[2].parametrizations.weight.original.requires_grad
     assert torch.equal(model[2].parametrizations.weight.original, W2)
     got = get_adapters(model)

@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 import lora_func
 from lora_func import LoRA
 
+from .conftest import to_device
+
 NS = "lora_func"
 
 
@@ -41,12 +43,7 @@ def _lora(shape, r, alpha, seed, dtype=torch.float64, device="cpu") -> LoRA:
     # gaussian, rescaled: both factors non-zero, so every leaf matters to the results. Drawn on
     # the CPU (a CPU generator) and moved: the same values on every device.
     lora = lora_func.init(shape, r, alpha, "gaussian", generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    return _to(lora.replace(A=lora.A * 1e4, B=lora.B * 1e4), device)
-
-
-def _to(tree, device):
-    """The tree with every leaf moved to ``device`` (the leaves themselves where they already are)."""
-    return torch_pytree.tree_map(lambda t: t.to(device), tree)
+    return to_device(lora.replace(A=lora.A * 1e4, B=lora.B * 1e4), device)
 
 
 def _randn(*shape: int, gen: torch.Generator, device: str) -> torch.Tensor:
@@ -155,7 +152,7 @@ def test_tree_map_to_placeholders_does_not_validate(tree_n):
 
 @given(adapter_trees())
 def test_tree_map_preserves_node_and_values(device, tree_n):
-    tree = _to(tree_n[0], device)
+    tree = to_device(tree_n[0], device)
     doubled = optree.tree_map(lambda t: t * 2, tree, namespace=NS)
     for a, b in zip(optree.tree_leaves(doubled, namespace=NS), optree.tree_leaves(tree, namespace=NS), strict=True):
         assert a.device == b.device
@@ -320,7 +317,7 @@ def test_stock_optimizer_trains_A_and_B_never_scaling(device):
     # kaimingA_zeroB: B = 0, so A only gets gradient once B has moved. Drawn on the CPU and
     # moved, so every device starts from the same point (and the loss threshold was seen met).
     lora = lora_func.init((6, 5), r=2, alpha=4.0, dtype=torch.float64, generator=gen)
-    adapters = {"w": _to(lora, device)}
+    adapters = {"w": to_device(lora, device)}
     scaling_before = adapters["w"].scaling.clone()
     A0, B0 = adapters["w"].A.clone(), adapters["w"].B.clone()
     W0 = W.clone()
